@@ -1,0 +1,199 @@
+//! I/O engines: how an export's operations reach the kernel.
+//!
+//! Engines know nothing of virtio. Each queue thread owns one engine. It submits [`IoOp`]s
+//! together with a token of its choosing; the engine owns the token while the operation is in
+//! flight and hands it back in a [`Completion`], whether the operation succeeded or failed.
+//! Every engine signals finished work on one eventfd per queue thread, so a queue thread has a
+//! single completion path whatever the engine.
+
+use std::io;
+use std::os::unix::io::RawFd;
+
+pub mod threads;
+
+pub use threads::ThreadPoolEngine;
+
+/// One scatter-gather element: a pointer and a length, as the kernel's `struct iovec`.
+#[repr(transparent)]
+#[derive(Debug)]
+pub struct IoVec(libc::iovec);
+
+// SAFETY: an IoVec is a plain address range; whoever builds one promises (see `IoVec::new`)
+// that the memory stays valid until the operation using it has completed, whatever thread
+// performs it.
+unsafe impl Send for IoVec {}
+
+impl IoVec {
+    /// Describes `len` bytes at `ptr`.
+    ///
+    /// # Safety
+    /// The range must stay mapped, and must not be used in ways that conflict with the
+    /// operation's reads or writes, until every operation that carries this IoVec has
+    /// completed (its token has been handed back).
+    pub unsafe fn new(ptr: *mut u8, len: usize) -> Self {
+        IoVec(libc::iovec {
+            iov_base: ptr.cast(),
+            iov_len: len,
+        })
+    }
+
+    /// Length in bytes.
+    pub fn len(&self) -> usize {
+        self.0.iov_len
+    }
+
+    /// Whether it is empty.
+    pub fn is_empty(&self) -> bool {
+        self.0.iov_len == 0
+    }
+
+    /// Drops the first `n` bytes of `iovs`, returning what is left.
+    pub fn advance(iovs: &mut [IoVec], mut n: usize) -> &mut [IoVec] {
+        let mut skip = 0;
+        while skip < iovs.len() && n >= iovs[skip].len() {
+            n -= iovs[skip].len();
+            skip += 1;
+        }
+        let rest = &mut iovs[skip..];
+        if let Some(first) = rest.first_mut() {
+            // Stays inside the element: n < first.len() here.
+            first.0.iov_base = first.0.iov_base.wrapping_byte_add(n);
+            first.0.iov_len -= n;
+        }
+        rest
+    }
+}
+
+/// An operation on the export, in bytes.
+#[derive(Debug)]
+pub enum IoOp {
+    /// Fill `bufs` from `offset`.
+    Read {
+        /// Byte offset.
+        offset: u64,
+        /// Destination buffers.
+        bufs: Vec<IoVec>,
+    },
+    /// Write `bufs` at `offset`; `durable` asks for the data to be on stable storage at
+    /// completion (write-through).
+    Write {
+        /// Byte offset.
+        offset: u64,
+        /// Source buffers.
+        bufs: Vec<IoVec>,
+        /// Complete only once stable.
+        durable: bool,
+    },
+    /// Make every completed write durable.
+    Flush,
+    /// Deallocation hint for a range.
+    Discard {
+        /// Byte offset.
+        offset: u64,
+        /// Bytes.
+        len: u64,
+    },
+    /// Make a range read as zeros, deallocating it if `unmap` allows.
+    WriteZeroes {
+        /// Byte offset.
+        offset: u64,
+        /// Bytes.
+        len: u64,
+        /// The storage may deallocate the range.
+        unmap: bool,
+        /// Complete only once stable.
+        durable: bool,
+    },
+}
+
+/// A finished operation: the submitter's token and the outcome.
+#[derive(Debug)]
+pub struct Completion<T> {
+    /// What the submitter handed in with the operation.
+    pub token: T,
+    /// The outcome; transfers are complete on `Ok` (never short).
+    pub result: io::Result<()>,
+}
+
+/// Errors of the engine layer.
+#[derive(Debug, thiserror::Error)]
+pub enum EngineError {
+    /// The engine has no free slot; the caller must wait for a completion. Not an I/O error.
+    #[error("the engine is full")]
+    Full,
+    /// The engine could not be set up or failed as a whole.
+    #[error("I/O engine failure: {0}")]
+    Io(#[from] io::Error),
+}
+
+/// A refused submission: the token goes back to the caller with the reason.
+#[derive(Debug)]
+pub struct Rejected<T> {
+    /// The token that was submitted.
+    pub token: T,
+    /// Why it was refused.
+    pub error: EngineError,
+}
+
+/// The interface every engine offers its queue thread.
+pub trait IoEngine<T>: Send {
+    /// A short name for logs ("threads", "io-uring", ...).
+    fn name(&self) -> &'static str;
+
+    /// How many more operations can be submitted before the engine is full.
+    fn free_slots(&self) -> usize;
+
+    /// Starts an operation. On refusal the token comes back.
+    fn submit(&mut self, op: IoOp, token: T) -> Result<(), Rejected<T>>;
+
+    /// Pushes submissions made since the last call to the kernel (engines that batch).
+    fn commit(&mut self) -> Result<(), EngineError> {
+        Ok(())
+    }
+
+    /// The eventfd that becomes readable when completions are waiting.
+    fn completion_fd(&self) -> RawFd;
+
+    /// Moves every finished operation into `out`.
+    fn reap(&mut self, out: &mut Vec<Completion<T>>);
+
+    /// Operations submitted and not yet reaped.
+    fn in_flight(&self) -> usize;
+}
+
+/// Blocks until `fd` is readable or `timeout_ms` passes.
+pub fn wait_readable(fd: RawFd, timeout_ms: i32) -> io::Result<bool> {
+    let mut pfd = libc::pollfd {
+        fd,
+        events: libc::POLLIN,
+        revents: 0,
+    };
+    // SAFETY: `pfd` is a valid pollfd array of length 1 for the duration of the call.
+    let ret = unsafe { libc::poll(&mut pfd, 1, timeout_ms) };
+    match ret {
+        r if r < 0 => {
+            let e = io::Error::last_os_error();
+            if e.kind() == io::ErrorKind::Interrupted { Ok(false) } else { Err(e) }
+        }
+        0 => Ok(false),
+        _ => Ok(true),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn advance_skips_whole_and_partial_elements() {
+        let mut a = [0u8; 8];
+        let mut b = [0u8; 8];
+        // SAFETY: the arrays outlive the iovecs.
+        let mut iovs = unsafe { [IoVec::new(a.as_mut_ptr(), 8), IoVec::new(b.as_mut_ptr(), 8)] };
+        let rest = IoVec::advance(&mut iovs, 11);
+        assert_eq!(rest.len(), 1);
+        assert_eq!(rest[0].len(), 5);
+        assert_eq!(rest[0].0.iov_base as usize, b.as_ptr() as usize + 3);
+        assert!(IoVec::advance(rest, 5).is_empty());
+    }
+}

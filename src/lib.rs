@@ -1,0 +1,11 @@
+//! vublk: a userspace virtio-blk backend (vhost-user-blk server).
+//!
+//! Layers, from the guest inwards: [`server`] accepts vhost-user connections and handles
+//! signals; [`vhost_user`] is the thin glue that runs one worker per virtqueue; [`blk`] is the
+//! virtio-blk device model (parse, config space, status); [`engine`] moves data between guest
+//! buffers and the [`backing`] file or block device.
+
+pub mod backing;
+pub mod blk;
+pub mod engine;
+pub mod ratelimit;
