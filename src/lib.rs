@@ -8,4 +8,7 @@
 pub mod backing;
 pub mod blk;
 pub mod engine;
+pub mod export;
 pub mod ratelimit;
+pub mod server;
+pub mod vhost_user;

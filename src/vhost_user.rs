@@ -1,0 +1,391 @@
+//! The vhost-user glue: one [`BlkBackend`] per frontend connection, one worker per virtqueue.
+//!
+//! Each queue has its own worker state behind its own mutex, taken only by that queue's
+//! thread and, when the frontend stops the ring, by the connection thread: no lock on the I/O
+//! path is shared between queues.
+
+use std::io;
+use std::os::unix::io::RawFd;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+
+use log::Level;
+use vhost::vhost_user::message::{VhostUserProtocolFeatures, VhostUserVirtioFeatures};
+use vhost_user_backend::{VhostUserBackend, VringRwLock, VringT};
+use virtio_bindings::virtio_blk::{VIRTIO_BLK_F_FLUSH, VIRTIO_BLK_S_IOERR, VIRTIO_BLK_S_OK};
+use virtio_queue::QueueT;
+use vm_memory::{GuestAddress, GuestAddressSpace, GuestMemoryAtomic, GuestMemoryMmap};
+use vmm_sys_util::epoll::EventSet;
+use vmm_sys_util::event::{EventConsumer, EventFlag, EventNotifier, new_event_consumer_and_notifier};
+
+use crate::blk::config_space::{self, WCE_OFFSET};
+use crate::blk::request::{self, GuestMemory, ParseError, Request, RequestKind};
+use crate::blk::SECTOR_SIZE;
+use crate::engine::{Completion, IoEngine, IoOp, Rejected, ThreadPoolEngine, wait_readable};
+use crate::export::Export;
+use crate::guest_log;
+
+/// Guest memory as vhost-user-backend shares it with us.
+pub type AtomicGuestMemory = GuestMemoryAtomic<GuestMemoryMmap<()>>;
+
+/// Event id of a worker's engine completion eventfd (ids up to `num_queues` are reserved).
+fn completion_event(num_queues: usize) -> u16 {
+    num_queues as u16 + 1
+}
+
+/// A request the engine is working on.
+struct InFlight {
+    head: u16,
+    status: GuestAddress,
+    used_len: u32,
+    /// Keeps the guest buffers of the operation mapped until it completes.
+    mem: Arc<GuestMemory>,
+}
+
+/// What every queue worker of one connection shares (read-mostly).
+struct DeviceState {
+    export: Arc<Export>,
+    mem: AtomicGuestMemory,
+    event_idx: AtomicBool,
+    flush_negotiated: AtomicBool,
+}
+
+impl DeviceState {
+    /// Writes may complete before they are durable only in writeback mode, and only if the
+    /// driver can ask for durability (it negotiated FLUSH).
+    fn writeback(&self) -> bool {
+        self.export.write_cache.writeback() && self.flush_negotiated.load(Ordering::Relaxed)
+    }
+}
+
+struct QueueWorker {
+    index: usize,
+    engine: Box<dyn IoEngine<InFlight>>,
+    /// The worker's vring, known from its first event; needed to drain from other threads.
+    vring: Option<VringRwLock>,
+    /// Reused across passes to avoid an allocation per completion batch.
+    completions: Vec<Completion<InFlight>>,
+    /// The last pass stopped on a full engine; resume on the next completion.
+    throttled: bool,
+    /// The daemon is shutting down: take no new requests.
+    stopping: bool,
+}
+
+impl QueueWorker {
+    fn process_queue(&mut self, dev: &DeviceState, vring: &VringRwLock) {
+        if self.stopping {
+            return;
+        }
+        let event_idx = dev.event_idx.load(Ordering::Relaxed);
+        loop {
+            if event_idx && let Err(e) = vring.disable_notification() {
+                guest_log!(Level::Warn, "queue {}: cannot disable notifications: {e}", self.index);
+            }
+            if !self.pop_requests(dev, vring) {
+                // Backpressure: resume when a completion frees a slot.
+                self.throttled = true;
+                break;
+            }
+            // With EVENT_IDX, look again after re-enabling notifications: the driver may have
+            // added requests without a kick in between.
+            if !event_idx || !matches!(vring.enable_notification(), Ok(true)) {
+                break;
+            }
+        }
+        if let Err(e) = self.engine.commit() {
+            guest_log!(Level::Error, "queue {}: submitting I/O failed: {e}", self.index);
+        }
+        self.signal(vring);
+    }
+
+    /// Pops and starts requests while the engine has room; false if it stopped for room.
+    fn pop_requests(&mut self, dev: &DeviceState, vring: &VringRwLock) -> bool {
+        let mem = dev.mem.memory().into_inner();
+        while self.engine.free_slots() > 0 {
+            let chain = vring.get_mut().get_queue_mut().pop_descriptor_chain(mem.clone());
+            let Some(chain) = chain else { return true };
+            let head = chain.head_index();
+            match request::parse(chain, &mem, &dev.export.disk) {
+                Ok(req) => self.start(dev, vring, head, req),
+                Err(ParseError::Rejected { status, error }) => {
+                    let level = if error.status() == VIRTIO_BLK_S_IOERR as u8 { Level::Warn } else { Level::Debug };
+                    guest_log!(level, "queue {}: request {head} refused: {error}", self.index);
+                    request::write_status(&mem, status, error.status());
+                    self.add_used(vring, head, 1);
+                }
+                Err(ParseError::Unanswerable(why)) => {
+                    guest_log!(Level::Warn, "queue {}: request {head} returned unanswered: {why}", self.index);
+                    self.add_used(vring, head, 0);
+                }
+            }
+        }
+        false
+    }
+
+    fn start(&mut self, dev: &DeviceState, vring: &VringRwLock, head: u16, req: Request) {
+        let Request { kind, status, used_len, mem } = req;
+        let token = InFlight { head, status, used_len, mem };
+        let durable = !dev.writeback();
+        let op = match kind {
+            RequestKind::Read { sector, bufs } => IoOp::Read { offset: sector * SECTOR_SIZE, bufs },
+            RequestKind::Write { sector, bufs } => IoOp::Write { offset: sector * SECTOR_SIZE, bufs, durable },
+            RequestKind::Flush => IoOp::Flush,
+            RequestKind::Discard { sector, sectors } => IoOp::Discard {
+                offset: sector * SECTOR_SIZE,
+                len: u64::from(sectors) * SECTOR_SIZE,
+            },
+            RequestKind::WriteZeroes { sector, sectors, unmap } => IoOp::WriteZeroes {
+                offset: sector * SECTOR_SIZE,
+                len: u64::from(sectors) * SECTOR_SIZE,
+                unmap,
+                durable,
+            },
+            RequestKind::GetId { dest } => {
+                let ok = request::write_serial(&token.mem, &dest, &dev.export.disk.serial);
+                let status = if ok { VIRTIO_BLK_S_OK } else { VIRTIO_BLK_S_IOERR };
+                self.finish(vring, token, status as u8);
+                return;
+            }
+        };
+        if let Err(Rejected { token, error }) = self.engine.submit(op, token) {
+            // Room was checked before popping, so this is a real failure, not backpressure.
+            guest_log!(Level::Error, "queue {}: cannot start I/O: {error}", self.index);
+            self.finish(vring, token, VIRTIO_BLK_S_IOERR as u8);
+        }
+    }
+
+    /// Completes finished I/O; resumes popping if the last pass was throttled and `resume`.
+    fn process_completions(&mut self, dev: &DeviceState, vring: &VringRwLock, resume: bool) {
+        let mut done = std::mem::take(&mut self.completions);
+        self.engine.reap(&mut done);
+        for c in done.drain(..) {
+            let status = match c.result {
+                Ok(()) => VIRTIO_BLK_S_OK,
+                Err(e) => {
+                    guest_log!(Level::Error, "queue {}: I/O error on {}: {e}",
+                        self.index, dev.export.backing.path().display());
+                    VIRTIO_BLK_S_IOERR
+                }
+            };
+            self.finish(vring, c.token, status as u8);
+        }
+        self.completions = done;
+        if resume && self.throttled {
+            self.throttled = false;
+            self.process_queue(dev, vring);
+        } else {
+            self.signal(vring);
+        }
+    }
+
+    /// Finishes a request: status byte, then the used ring. Every request ends here, except
+    /// unanswerable chains, which have no status byte.
+    fn finish(&mut self, vring: &VringRwLock, token: InFlight, status: u8) {
+        request::write_status(&token.mem, token.status, status);
+        let len = if status == VIRTIO_BLK_S_OK as u8 { token.used_len } else { 1 };
+        self.add_used(vring, token.head, len);
+    }
+
+    fn add_used(&self, vring: &VringRwLock, head: u16, len: u32) {
+        if let Err(e) = vring.add_used(head, len) {
+            guest_log!(Level::Warn, "queue {}: cannot return request {head}: {e}", self.index);
+        }
+    }
+
+    fn signal(&self, vring: &VringRwLock) {
+        match vring.needs_notification() {
+            Ok(false) => {}
+            Ok(true) | Err(_) => {
+                if let Err(e) = vring.signal_used_queue() {
+                    guest_log!(Level::Warn, "queue {}: cannot notify the guest: {e}", self.index);
+                }
+            }
+        }
+    }
+
+    /// Waits until every request this worker started has reached the used ring.
+    fn drain(&mut self, dev: &DeviceState) {
+        let Some(vring) = self.vring.clone() else { return };
+        let mut waited_s = 0;
+        while self.engine.in_flight() > 0 {
+            match wait_readable(self.engine.completion_fd(), 1000) {
+                Ok(true) => self.process_completions(dev, &vring, false),
+                Ok(false) => {
+                    waited_s += 1;
+                    if waited_s % 10 == 0 {
+                        log::warn!("queue {}: still waiting for {} requests after {waited_s} s",
+                            self.index, self.engine.in_flight());
+                    }
+                }
+                Err(e) => {
+                    log::error!("queue {}: cannot wait for completions: {e}", self.index);
+                    return;
+                }
+            }
+        }
+    }
+}
+
+/// The device as one vhost-user connection sees it.
+pub struct BlkBackend {
+    dev: DeviceState,
+    workers: Vec<Mutex<QueueWorker>>,
+}
+
+fn lock(w: &Mutex<QueueWorker>) -> MutexGuard<'_, QueueWorker> {
+    // Worker code does not panic on guest input; if it ever did, the state behind the lock is
+    // still a valid set of in-flight requests.
+    w.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+impl BlkBackend {
+    /// Backend state for a new connection to `export`, with fresh guest memory and engines.
+    pub fn new(export: Arc<Export>) -> io::Result<Self> {
+        let queues = usize::from(export.disk.num_queues);
+        let mut workers = Vec::with_capacity(queues);
+        for index in 0..queues {
+            let engine = ThreadPoolEngine::new(
+                export.backing.clone(),
+                export.io_threads,
+                usize::from(export.disk.queue_size),
+            )?;
+            workers.push(Mutex::new(QueueWorker {
+                index,
+                engine: Box::new(engine),
+                vring: None,
+                completions: Vec::new(),
+                throttled: false,
+                stopping: false,
+            }));
+        }
+        Ok(BlkBackend {
+            dev: DeviceState {
+                export,
+                mem: GuestMemoryAtomic::new(GuestMemoryMmap::new()),
+                event_idx: AtomicBool::new(false),
+                flush_negotiated: AtomicBool::new(false),
+            },
+            workers,
+        })
+    }
+
+    /// The guest memory handle to give to the vhost-user daemon.
+    pub fn memory(&self) -> AtomicGuestMemory {
+        self.dev.mem.clone()
+    }
+
+    /// (worker index, completion eventfd, event id) to register with each worker's epoll.
+    pub fn completion_sources(&self) -> Vec<(usize, RawFd, u16)> {
+        let id = completion_event(self.workers.len());
+        self.workers
+            .iter()
+            .enumerate()
+            .map(|(i, w)| (i, lock(w).engine.completion_fd(), id))
+            .collect()
+    }
+
+    /// Stops taking requests and waits until every started one reached the guest.
+    pub fn quiesce(&self) {
+        for w in &self.workers {
+            let mut w = lock(w);
+            w.stopping = true;
+            w.drain(&self.dev);
+        }
+    }
+}
+
+impl VhostUserBackend for BlkBackend {
+    type Bitmap = ();
+    type Vring = VringRwLock;
+
+    fn num_queues(&self) -> usize {
+        self.workers.len()
+    }
+
+    fn max_queue_size(&self) -> usize {
+        usize::from(self.dev.export.disk.queue_size)
+    }
+
+    fn features(&self) -> u64 {
+        self.dev.export.disk.virtio_features() | VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits()
+    }
+
+    fn acked_features(&self, features: u64) {
+        self.dev
+            .flush_negotiated
+            .store(features & (1 << VIRTIO_BLK_F_FLUSH) != 0, Ordering::Relaxed);
+    }
+
+    fn protocol_features(&self) -> VhostUserProtocolFeatures {
+        VhostUserProtocolFeatures::CONFIG
+            | VhostUserProtocolFeatures::MQ
+            | VhostUserProtocolFeatures::CONFIGURE_MEM_SLOTS
+            | VhostUserProtocolFeatures::REPLY_ACK
+    }
+
+    fn set_event_idx(&self, enabled: bool) {
+        self.dev.event_idx.store(enabled, Ordering::Relaxed);
+    }
+
+    fn get_config(&self, offset: u32, size: u32) -> Vec<u8> {
+        let config = config_space::render(&self.dev.export.disk, self.dev.export.write_cache.writeback());
+        config_space::read_window(&config, offset, size)
+    }
+
+    fn set_config(&self, offset: u32, buf: &[u8]) -> io::Result<()> {
+        if offset as usize == WCE_OFFSET && buf.len() == 1 {
+            let writeback = buf[0] != 0;
+            guest_log!(Level::Info, "guest switched the write cache to {}",
+                if writeback { "writeback" } else { "writethrough" });
+            self.dev.export.write_cache.set_writeback(writeback);
+        } else {
+            // Refusing with an error would end the connection; the field is read-only.
+            guest_log!(Level::Warn, "ignoring a write to read-only config bytes {offset}..+{}", buf.len());
+        }
+        Ok(())
+    }
+
+    fn update_memory(&self, _mem: AtomicGuestMemory) -> io::Result<()> {
+        // `dev.mem` is a clone of the same atomic handle; in-flight requests keep their own
+        // snapshot of the old map alive.
+        Ok(())
+    }
+
+    fn queues_per_thread(&self) -> Vec<u64> {
+        (0..self.workers.len()).map(|q| 1u64 << q).collect()
+    }
+
+    fn exit_event(&self, _thread_index: usize) -> Option<(EventConsumer, EventNotifier)> {
+        new_event_consumer_and_notifier(EventFlag::NONBLOCK | EventFlag::CLOEXEC).ok()
+    }
+
+    fn stop_vring(&self, queue_index: u32) -> io::Result<()> {
+        if let Some(w) = self.workers.get(queue_index as usize) {
+            lock(w).drain(&self.dev);
+        }
+        Ok(())
+    }
+
+    fn handle_event(
+        &self,
+        device_event: u16,
+        _evset: EventSet,
+        vrings: &[VringRwLock],
+        thread_id: usize,
+    ) -> io::Result<()> {
+        // Never return an error: it would end this queue's thread for good.
+        let (Some(worker), Some(vring)) = (self.workers.get(thread_id), vrings.first()) else {
+            return Ok(());
+        };
+        let mut w = lock(worker);
+        if w.vring.is_none() {
+            w.vring = Some(vring.clone());
+        }
+        if device_event == completion_event(self.workers.len()) {
+            w.process_completions(&self.dev, vring, true);
+        } else {
+            w.process_queue(&self.dev, vring);
+        }
+        Ok(())
+    }
+}
