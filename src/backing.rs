@@ -233,7 +233,12 @@ impl Backing {
 
     /// Writes exactly the bytes `iovs` describe at `offset`; with `durable`, the data is on
     /// stable storage when this returns.
-    pub fn write_vectored_at(&self, iovs: &mut [IoVec], offset: u64, durable: bool) -> io::Result<()> {
+    pub fn write_vectored_at(
+        &self,
+        iovs: &mut [IoVec],
+        offset: u64,
+        durable: bool,
+    ) -> io::Result<()> {
         let flags = if durable { libc::RWF_DSYNC } else { 0 };
         self.transfer(iovs, offset, |fd, iov, cnt, off| {
             // SAFETY: as in `read_vectored_at`; the memory is only read.
@@ -250,7 +255,8 @@ impl Backing {
         let fd = self.file.as_raw_fd();
         while !iovs.is_empty() {
             let cnt = iovs.len().min(IOV_MAX);
-            let off = libc::off_t::try_from(offset).map_err(|_| io::Error::from_raw_os_error(libc::EINVAL))?;
+            let off = libc::off_t::try_from(offset)
+                .map_err(|_| io::Error::from_raw_os_error(libc::EINVAL))?;
             let ret = op(fd, iovs.as_ptr().cast(), cnt as libc::c_int, off);
             if ret < 0 {
                 let err = io::Error::last_os_error();
@@ -277,13 +283,22 @@ impl Backing {
     /// storage cannot deallocate, this succeeds without doing anything.
     pub fn discard(&self, offset: u64, len: u64) -> io::Result<()> {
         let result = match self.kind {
-            BackingKind::File => self.fallocate(libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE, offset, len),
+            BackingKind::File => self.fallocate(
+                libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
+                offset,
+                len,
+            ),
             BackingKind::BlockDevice => {
                 let range = [offset, len];
                 // SAFETY: BLKDISCARD reads two u64 (start, length) from the pointer, which
                 // points to `range` for the duration of the call.
-                let ret = unsafe { libc::ioctl(self.file.as_raw_fd(), BLKDISCARD(), range.as_ptr()) };
-                if ret < 0 { Err(io::Error::last_os_error()) } else { Ok(()) }
+                let ret =
+                    unsafe { libc::ioctl(self.file.as_raw_fd(), BLKDISCARD(), range.as_ptr()) };
+                if ret < 0 {
+                    Err(io::Error::last_os_error())
+                } else {
+                    Ok(())
+                }
             }
         };
         match result {
@@ -297,12 +312,20 @@ impl Backing {
         // On a file a punched hole reads as zeros; on a block device fallocate's punch-hole
         // mode is a zero-out that may unmap, so both kinds take the same path.
         if unmap {
-            match self.fallocate(libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE, offset, len) {
+            match self.fallocate(
+                libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
+                offset,
+                len,
+            ) {
                 Err(e) if is_unsupported(&e) => {}
                 other => return other,
             }
         }
-        match self.fallocate(libc::FALLOC_FL_ZERO_RANGE | libc::FALLOC_FL_KEEP_SIZE, offset, len) {
+        match self.fallocate(
+            libc::FALLOC_FL_ZERO_RANGE | libc::FALLOC_FL_KEEP_SIZE,
+            offset,
+            len,
+        ) {
             Err(e) if is_unsupported(&e) => self.write_zero_buffers(offset, len),
             other => other,
         }
@@ -338,7 +361,10 @@ impl Backing {
 }
 
 fn is_unsupported(e: &io::Error) -> bool {
-    matches!(e.raw_os_error(), Some(libc::EOPNOTSUPP) | Some(libc::ENOSYS))
+    matches!(
+        e.raw_os_error(),
+        Some(libc::EOPNOTSUPP) | Some(libc::ENOSYS)
+    )
 }
 
 /// Creates a fully allocated image of `size` bytes; a partly created file is removed again.
@@ -399,7 +425,11 @@ fn block_device_size(file: &File) -> io::Result<u64> {
     let mut size = 0u64;
     // SAFETY: BLKGETSIZE64 writes one u64 through the pointer, which points to `size`.
     let ret = unsafe { libc::ioctl(file.as_raw_fd(), BLKGETSIZE64(), &mut size) };
-    if ret < 0 { Err(io::Error::last_os_error()) } else { Ok(size) }
+    if ret < 0 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(size)
+    }
 }
 
 fn block_device_block_sizes(file: &File) -> io::Result<(u32, u32)> {
@@ -431,14 +461,27 @@ mod tests {
     fn creates_a_preallocated_image_and_never_resizes_it() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("disk.img");
-        let params = OpenParams { read_only: false, create_size: Some(4 << 20) };
+        let params = OpenParams {
+            read_only: false,
+            create_size: Some(4 << 20),
+        };
         let b = Backing::open(&path, &params).unwrap();
         assert_eq!(b.size(), 4 << 20);
         let meta = std::fs::metadata(&path).unwrap();
         assert!(meta.blocks() * 512 >= 4 << 20, "image is not preallocated");
         drop(b);
-        let err = Backing::open(&path, &OpenParams { read_only: false, create_size: Some(8 << 20) }).unwrap_err();
-        assert!(matches!(err, BackingError::SizeMismatch { actual, .. } if actual == 4 << 20), "{err}");
+        let err = Backing::open(
+            &path,
+            &OpenParams {
+                read_only: false,
+                create_size: Some(8 << 20),
+            },
+        )
+        .unwrap_err();
+        assert!(
+            matches!(err, BackingError::SizeMismatch { actual, .. } if actual == 4 << 20),
+            "{err}"
+        );
         assert_eq!(std::fs::metadata(&path).unwrap().len(), 4 << 20);
     }
 
@@ -446,7 +489,10 @@ mod tests {
     fn a_second_writer_is_refused() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("disk.img");
-        let params = OpenParams { read_only: false, create_size: Some(1 << 20) };
+        let params = OpenParams {
+            read_only: false,
+            create_size: Some(1 << 20),
+        };
         let _first = Backing::open(&path, &params).unwrap();
         let err = Backing::open(&path, &OpenParams::default()).unwrap_err();
         assert!(matches!(err, BackingError::Locked(_)), "{err}");
@@ -455,7 +501,14 @@ mod tests {
     #[test]
     fn rejects_what_is_not_a_file_or_block_device() {
         let dir = tempfile::tempdir().unwrap();
-        let err = Backing::open(dir.path(), &OpenParams { read_only: true, create_size: None }).unwrap_err();
+        let err = Backing::open(
+            dir.path(),
+            &OpenParams {
+                read_only: true,
+                create_size: None,
+            },
+        )
+        .unwrap_err();
         assert!(matches!(err, BackingError::UnsupportedType(_)), "{err}");
     }
 
@@ -463,10 +516,18 @@ mod tests {
     fn vectored_io_discard_and_write_zeroes() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("disk.img");
-        let b = Backing::open(&path, &OpenParams { read_only: false, create_size: Some(1 << 20) }).unwrap();
+        let b = Backing::open(
+            &path,
+            &OpenParams {
+                read_only: false,
+                create_size: Some(1 << 20),
+            },
+        )
+        .unwrap();
         let mut a = vec![0xaau8; 4096];
         let mut c = vec![0xccu8; 512];
-        b.write_vectored_at(&mut [iov(&mut a), iov(&mut c)], 8192, false).unwrap();
+        b.write_vectored_at(&mut [iov(&mut a), iov(&mut c)], 8192, false)
+            .unwrap();
         let mut back = vec![0u8; 4608];
         b.read_vectored_at(&mut [iov(&mut back)], 8192).unwrap();
         assert!(back[..4096].iter().all(|&x| x == 0xaa) && back[4096..].iter().all(|&x| x == 0xcc));
@@ -481,7 +542,9 @@ mod tests {
         b.flush().unwrap();
 
         let mut past_end = vec![0u8; 1024];
-        let err = b.read_vectored_at(&mut [iov(&mut past_end)], (1 << 20) - 512).unwrap_err();
+        let err = b
+            .read_vectored_at(&mut [iov(&mut past_end)], (1 << 20) - 512)
+            .unwrap_err();
         assert_eq!(err.kind(), io::ErrorKind::UnexpectedEof);
     }
 }

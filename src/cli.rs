@@ -85,7 +85,9 @@ fn parse_size(s: &str) -> Result<u64, String> {
     let s = s.trim();
     let split = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
     let (num, unit) = s.split_at(split);
-    let n: u64 = num.parse().map_err(|_| format!("{s:?} is not a size (e.g. 10G, 512M, 1048576)"))?;
+    let n: u64 = num
+        .parse()
+        .map_err(|_| format!("{s:?} is not a size (e.g. 10G, 512M, 1048576)"))?;
     let shift = match unit.to_ascii_lowercase().as_str() {
         "" | "b" => 0,
         "k" | "kib" => 10,
@@ -94,8 +96,10 @@ fn parse_size(s: &str) -> Result<u64, String> {
         "t" | "tib" => 40,
         _ => return Err(format!("unknown size unit {unit:?} (use K, M, G or T)")),
     };
-    let bytes = n.checked_mul(1 << shift).ok_or_else(|| format!("{s} is too large"))?;
-    if bytes == 0 || bytes % 4096 != 0 {
+    let bytes = n
+        .checked_mul(1 << shift)
+        .ok_or_else(|| format!("{s} is too large"))?;
+    if bytes == 0 || !bytes.is_multiple_of(4096) {
         return Err(format!("{s} must be a non-zero multiple of 4096 bytes"));
     }
     Ok(bytes)
@@ -135,13 +139,19 @@ fn serve(args: ServeArgs) -> Result<()> {
         std::fs::create_dir_all(&args.data_dir)
             .with_context(|| format!("cannot create data directory {}", args.data_dir.display()))?;
     }
-    let path = args.file.clone().unwrap_or_else(|| args.data_dir.join("disk.img"));
+    let path = args
+        .file
+        .clone()
+        .unwrap_or_else(|| args.data_dir.join("disk.img"));
     let create_size = match (args.size, builtin && !path.exists()) {
         (Some(size), _) => Some(size),
         (None, true) => Some(DEFAULT_IMAGE_SIZE),
         (None, false) => None,
     };
-    let socket = args.socket.clone().unwrap_or_else(|| args.data_dir.join("vublk.sock"));
+    let socket = args
+        .socket
+        .clone()
+        .unwrap_or_else(|| args.data_dir.join("vublk.sock"));
     let export = Export::open(&ExportConfig {
         path: path.clone(),
         create_size,
@@ -166,8 +176,16 @@ fn serve(args: ServeArgs) -> Result<()> {
         export.disk.queue_size,
         export.disk.logical_block_size,
         export.serial(),
-        if export.write_cache.writeback() { "writeback" } else { "writethrough" },
-        if export.disk.read_only { ", read-only" } else { "" },
+        if export.write_cache.writeback() {
+            "writeback"
+        } else {
+            "writethrough"
+        },
+        if export.disk.read_only {
+            ", read-only"
+        } else {
+            ""
+        },
         socket.display()
     );
     let queues = export.disk.num_queues;
@@ -224,7 +242,18 @@ mod tests {
 
     #[test]
     fn cli_parses() {
-        let cli = Cli::try_parse_from(["vublk", "serve", "--socket", "/s", "--file", "/f", "--queues", "4", "--read-only"]).unwrap();
+        let cli = Cli::try_parse_from([
+            "vublk",
+            "serve",
+            "--socket",
+            "/s",
+            "--file",
+            "/f",
+            "--queues",
+            "4",
+            "--read-only",
+        ])
+        .unwrap();
         let Command::Serve(a) = cli.command;
         assert_eq!(a.queues, 4);
         assert!(a.read_only);

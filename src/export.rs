@@ -191,7 +191,10 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let mut cfg = config(&dir);
         cfg.logical_block_size = Some(1024);
-        assert!(matches!(Export::open(&cfg), Err(ExportError::BlockSize(1024))));
+        assert!(matches!(
+            Export::open(&cfg),
+            Err(ExportError::BlockSize(1024))
+        ));
         let mut cfg = config(&dir);
         cfg.serial = Some("x".repeat(21));
         assert!(matches!(Export::open(&cfg), Err(ExportError::Serial(_))));
@@ -200,6 +203,9 @@ mod tests {
         assert!(matches!(Export::open(&cfg), Err(ExportError::Serial(_))));
         let mut cfg = config(&dir);
         cfg.create_size = Some(100);
-        assert!(matches!(Export::open(&cfg), Err(ExportError::TooSmall { .. })));
+        assert!(matches!(
+            Export::open(&cfg),
+            Err(ExportError::TooSmall { .. })
+        ));
     }
 }

@@ -112,7 +112,9 @@ mod tests {
         let now = 100_000;
         while limiter.admit_at(now).is_some() {}
         let later = now + 60 * REFILL_MS;
-        let admitted = (0..100).filter(|_| limiter.admit_at(later).is_some()).count();
+        let admitted = (0..100)
+            .filter(|_| limiter.admit_at(later).is_some())
+            .count();
         assert_eq!(admitted as u64, BURST);
     }
 }

@@ -62,7 +62,11 @@ pub enum ServerError {
 /// is not a socket is left alone.
 pub fn bind_socket(cfg: &SocketConfig) -> Result<UnixListener, ServerError> {
     let path = &cfg.path;
-    let sock_err = |what, source| ServerError::Socket { what, path: path.clone(), source };
+    let sock_err = |what, source| ServerError::Socket {
+        what,
+        path: path.clone(),
+        source,
+    };
     match std::fs::symlink_metadata(path) {
         Ok(meta) if meta.file_type().is_socket() => match UnixStream::connect(path) {
             Ok(_) => return Err(ServerError::InUse(path.clone())),
@@ -87,7 +91,8 @@ pub fn bind_socket(cfg: &SocketConfig) -> Result<UnixListener, ServerError> {
         .map_err(|e| sock_err("set the mode of", e))?;
     if let Some(group) = &cfg.group {
         let gid = resolve_group(group)?;
-        std::os::unix::fs::chown(path, None, Some(gid)).map_err(|e| sock_err("change the group of", e))?;
+        std::os::unix::fs::chown(path, None, Some(gid))
+            .map_err(|e| sock_err("change the group of", e))?;
     }
     Ok(listener)
 }
@@ -103,7 +108,15 @@ fn resolve_group(group: &str) -> Result<u32, ServerError> {
     let mut result: *mut libc::group = std::ptr::null_mut();
     // SAFETY: every pointer refers to a live local of the right type and `buf.len()` is the
     // buffer's size; getgrnam_r writes only within them.
-    let rc = unsafe { libc::getgrnam_r(name.as_ptr(), &mut grp, buf.as_mut_ptr(), buf.len(), &mut result) };
+    let rc = unsafe {
+        libc::getgrnam_r(
+            name.as_ptr(),
+            &mut grp,
+            buf.as_mut_ptr(),
+            buf.len(),
+            &mut result,
+        )
+    };
     if rc != 0 || result.is_null() {
         return Err(ServerError::UnknownGroup(group.into()));
     }
@@ -146,7 +159,10 @@ impl StopState {
     }
 
     fn unpublish(&self) {
-        self.active.lock().unwrap_or_else(PoisonError::into_inner).take();
+        self.active
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .take();
     }
 }
 
@@ -181,8 +197,15 @@ fn install_signals(stop: Arc<StopState>) -> io::Result<()> {
 
 /// Serves `export` on `listener` until SIGTERM or SIGINT; then removes the socket. `on_ready`
 /// runs once the socket accepts connections.
-pub fn serve(export: Arc<Export>, listener: UnixListener, socket_path: &Path, on_ready: impl FnOnce()) -> Result<(), ServerError> {
-    let socket_id = std::fs::metadata(socket_path).map(|m| (m.dev(), m.ino())).ok();
+pub fn serve(
+    export: Arc<Export>,
+    listener: UnixListener,
+    socket_path: &Path,
+    on_ready: impl FnOnce(),
+) -> Result<(), ServerError> {
+    let socket_id = std::fs::metadata(socket_path)
+        .map(|m| (m.dev(), m.ino()))
+        .ok();
     let stop = Arc::new(StopState {
         requested: AtomicBool::new(false),
         wake: EventFd::new(EFD_NONBLOCK | EFD_CLOEXEC).map_err(ServerError::Setup)?,
@@ -190,18 +213,30 @@ pub fn serve(export: Arc<Export>, listener: UnixListener, socket_path: &Path, on
     });
     install_signals(stop.clone()).map_err(ServerError::Setup)?;
     let mut listener = Listener::from(listener);
-    listener.set_nonblocking(true).map_err(|e| ServerError::Setup(io::Error::other(e)))?;
+    listener
+        .set_nonblocking(true)
+        .map_err(|e| ServerError::Setup(io::Error::other(e)))?;
     on_ready();
     let result = accept_loop(&export, &mut listener, &stop, socket_path);
     drop(listener);
     // Remove the socket only if it is still the one we bound.
-    if socket_id.is_some() && std::fs::metadata(socket_path).map(|m| (m.dev(), m.ino())).ok() == socket_id {
+    if socket_id.is_some()
+        && std::fs::metadata(socket_path)
+            .map(|m| (m.dev(), m.ino()))
+            .ok()
+            == socket_id
+    {
         let _ = std::fs::remove_file(socket_path);
     }
     result
 }
 
-fn accept_loop(export: &Arc<Export>, listener: &mut Listener, stop: &StopState, path: &Path) -> Result<(), ServerError> {
+fn accept_loop(
+    export: &Arc<Export>,
+    listener: &mut Listener,
+    stop: &StopState,
+    path: &Path,
+) -> Result<(), ServerError> {
     loop {
         if !wait_for_client(listener, stop).map_err(ServerError::Setup)? {
             log::info!("stopped");
@@ -226,8 +261,16 @@ fn wait_for_client(listener: &Listener, stop: &StopState) -> io::Result<bool> {
             return Ok(false);
         }
         let mut fds = [
-            libc::pollfd { fd: listener.as_raw_fd(), events: libc::POLLIN, revents: 0 },
-            libc::pollfd { fd: stop.wake.as_raw_fd(), events: libc::POLLIN, revents: 0 },
+            libc::pollfd {
+                fd: listener.as_raw_fd(),
+                events: libc::POLLIN,
+                revents: 0,
+            },
+            libc::pollfd {
+                fd: stop.wake.as_raw_fd(),
+                events: libc::POLLIN,
+                revents: 0,
+            },
         ];
         // SAFETY: `fds` is a valid array of two pollfds for the duration of the call.
         let ret = unsafe { libc::poll(fds.as_mut_ptr(), 2, -1) };
@@ -247,7 +290,11 @@ fn wait_for_client(listener: &Listener, stop: &StopState) -> io::Result<bool> {
     }
 }
 
-fn serve_one(export: &Arc<Export>, listener: &mut Listener, stop: &StopState) -> Result<(), DaemonError> {
+fn serve_one(
+    export: &Arc<Export>,
+    listener: &mut Listener,
+    stop: &StopState,
+) -> Result<(), DaemonError> {
     let backend = Arc::new(BlkBackend::new(export.clone()).map_err(DaemonError::StartDaemon)?);
     let mut daemon = VhostUserDaemon::new("vublk-conn".into(), backend.clone(), backend.memory())?;
     let handlers = daemon.get_epoll_handlers();
@@ -282,7 +329,11 @@ mod tests {
     use super::*;
 
     fn cfg(dir: &tempfile::TempDir) -> SocketConfig {
-        SocketConfig { path: dir.path().join("s.sock"), mode: 0o600, group: None }
+        SocketConfig {
+            path: dir.path().join("s.sock"),
+            mode: 0o600,
+            group: None,
+        }
     }
 
     #[test]
@@ -320,6 +371,9 @@ mod tests {
     fn groups_by_number_and_name() {
         assert_eq!(resolve_group("1234").unwrap(), 1234);
         assert_eq!(resolve_group("root").unwrap(), 0);
-        assert!(matches!(resolve_group("no-such-group-here"), Err(ServerError::UnknownGroup(_))));
+        assert!(matches!(
+            resolve_group("no-such-group-here"),
+            Err(ServerError::UnknownGroup(_))
+        ));
     }
 }

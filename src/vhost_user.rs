@@ -16,11 +16,13 @@ use virtio_bindings::virtio_blk::{VIRTIO_BLK_F_FLUSH, VIRTIO_BLK_S_IOERR, VIRTIO
 use virtio_queue::QueueT;
 use vm_memory::{GuestAddress, GuestAddressSpace, GuestMemoryAtomic, GuestMemoryMmap};
 use vmm_sys_util::epoll::EventSet;
-use vmm_sys_util::event::{EventConsumer, EventFlag, EventNotifier, new_event_consumer_and_notifier};
+use vmm_sys_util::event::{
+    EventConsumer, EventFlag, EventNotifier, new_event_consumer_and_notifier,
+};
 
+use crate::blk::SECTOR_SIZE;
 use crate::blk::config_space::{self, WCE_OFFSET};
 use crate::blk::request::{self, GuestMemory, ParseError, Request, RequestKind};
-use crate::blk::SECTOR_SIZE;
 use crate::engine::{Completion, IoEngine, IoOp, Rejected, ThreadPoolEngine, wait_readable};
 use crate::export::Export;
 use crate::guest_log;
@@ -79,7 +81,11 @@ impl QueueWorker {
         let event_idx = dev.event_idx.load(Ordering::Relaxed);
         loop {
             if event_idx && let Err(e) = vring.disable_notification() {
-                guest_log!(Level::Warn, "queue {}: cannot disable notifications: {e}", self.index);
+                guest_log!(
+                    Level::Warn,
+                    "queue {}: cannot disable notifications: {e}",
+                    self.index
+                );
             }
             if !self.pop_requests(dev, vring) {
                 // Backpressure: resume when a completion frees a slot.
@@ -93,7 +99,11 @@ impl QueueWorker {
             }
         }
         if let Err(e) = self.engine.commit() {
-            guest_log!(Level::Error, "queue {}: submitting I/O failed: {e}", self.index);
+            guest_log!(
+                Level::Error,
+                "queue {}: submitting I/O failed: {e}",
+                self.index
+            );
         }
         self.signal(vring);
     }
@@ -102,19 +112,34 @@ impl QueueWorker {
     fn pop_requests(&mut self, dev: &DeviceState, vring: &VringRwLock) -> bool {
         let mem = dev.mem.memory().into_inner();
         while self.engine.free_slots() > 0 {
-            let chain = vring.get_mut().get_queue_mut().pop_descriptor_chain(mem.clone());
+            let chain = vring
+                .get_mut()
+                .get_queue_mut()
+                .pop_descriptor_chain(mem.clone());
             let Some(chain) = chain else { return true };
             let head = chain.head_index();
             match request::parse(chain, &mem, &dev.export.disk) {
                 Ok(req) => self.start(dev, vring, head, req),
                 Err(ParseError::Rejected { status, error }) => {
-                    let level = if error.status() == VIRTIO_BLK_S_IOERR as u8 { Level::Warn } else { Level::Debug };
-                    guest_log!(level, "queue {}: request {head} refused: {error}", self.index);
+                    let level = if error.status() == VIRTIO_BLK_S_IOERR as u8 {
+                        Level::Warn
+                    } else {
+                        Level::Debug
+                    };
+                    guest_log!(
+                        level,
+                        "queue {}: request {head} refused: {error}",
+                        self.index
+                    );
                     request::write_status(&mem, status, error.status());
                     self.add_used(vring, head, 1);
                 }
                 Err(ParseError::Unanswerable(why)) => {
-                    guest_log!(Level::Warn, "queue {}: request {head} returned unanswered: {why}", self.index);
+                    guest_log!(
+                        Level::Warn,
+                        "queue {}: request {head} returned unanswered: {why}",
+                        self.index
+                    );
                     self.add_used(vring, head, 0);
                 }
             }
@@ -123,18 +148,39 @@ impl QueueWorker {
     }
 
     fn start(&mut self, dev: &DeviceState, vring: &VringRwLock, head: u16, req: Request) {
-        let Request { kind, status, used_len, mem } = req;
-        let token = InFlight { head, status, used_len, mem };
+        let Request {
+            kind,
+            status,
+            used_len,
+            mem,
+        } = req;
+        let token = InFlight {
+            head,
+            status,
+            used_len,
+            mem,
+        };
         let durable = !dev.writeback();
         let op = match kind {
-            RequestKind::Read { sector, bufs } => IoOp::Read { offset: sector * SECTOR_SIZE, bufs },
-            RequestKind::Write { sector, bufs } => IoOp::Write { offset: sector * SECTOR_SIZE, bufs, durable },
+            RequestKind::Read { sector, bufs } => IoOp::Read {
+                offset: sector * SECTOR_SIZE,
+                bufs,
+            },
+            RequestKind::Write { sector, bufs } => IoOp::Write {
+                offset: sector * SECTOR_SIZE,
+                bufs,
+                durable,
+            },
             RequestKind::Flush => IoOp::Flush,
             RequestKind::Discard { sector, sectors } => IoOp::Discard {
                 offset: sector * SECTOR_SIZE,
                 len: u64::from(sectors) * SECTOR_SIZE,
             },
-            RequestKind::WriteZeroes { sector, sectors, unmap } => IoOp::WriteZeroes {
+            RequestKind::WriteZeroes {
+                sector,
+                sectors,
+                unmap,
+            } => IoOp::WriteZeroes {
                 offset: sector * SECTOR_SIZE,
                 len: u64::from(sectors) * SECTOR_SIZE,
                 unmap,
@@ -142,14 +188,22 @@ impl QueueWorker {
             },
             RequestKind::GetId { dest } => {
                 let ok = request::write_serial(&token.mem, &dest, &dev.export.disk.serial);
-                let status = if ok { VIRTIO_BLK_S_OK } else { VIRTIO_BLK_S_IOERR };
+                let status = if ok {
+                    VIRTIO_BLK_S_OK
+                } else {
+                    VIRTIO_BLK_S_IOERR
+                };
                 self.finish(vring, token, status as u8);
                 return;
             }
         };
         if let Err(Rejected { token, error }) = self.engine.submit(op, token) {
             // Room was checked before popping, so this is a real failure, not backpressure.
-            guest_log!(Level::Error, "queue {}: cannot start I/O: {error}", self.index);
+            guest_log!(
+                Level::Error,
+                "queue {}: cannot start I/O: {error}",
+                self.index
+            );
             self.finish(vring, token, VIRTIO_BLK_S_IOERR as u8);
         }
     }
@@ -162,8 +216,12 @@ impl QueueWorker {
             let status = match c.result {
                 Ok(()) => VIRTIO_BLK_S_OK,
                 Err(e) => {
-                    guest_log!(Level::Error, "queue {}: I/O error on {}: {e}",
-                        self.index, dev.export.backing.path().display());
+                    guest_log!(
+                        Level::Error,
+                        "queue {}: I/O error on {}: {e}",
+                        self.index,
+                        dev.export.backing.path().display()
+                    );
                     VIRTIO_BLK_S_IOERR
                 }
             };
@@ -182,13 +240,21 @@ impl QueueWorker {
     /// unanswerable chains, which have no status byte.
     fn finish(&mut self, vring: &VringRwLock, token: InFlight, status: u8) {
         request::write_status(&token.mem, token.status, status);
-        let len = if status == VIRTIO_BLK_S_OK as u8 { token.used_len } else { 1 };
+        let len = if status == VIRTIO_BLK_S_OK as u8 {
+            token.used_len
+        } else {
+            1
+        };
         self.add_used(vring, token.head, len);
     }
 
     fn add_used(&self, vring: &VringRwLock, head: u16, len: u32) {
         if let Err(e) = vring.add_used(head, len) {
-            guest_log!(Level::Warn, "queue {}: cannot return request {head}: {e}", self.index);
+            guest_log!(
+                Level::Warn,
+                "queue {}: cannot return request {head}: {e}",
+                self.index
+            );
         }
     }
 
@@ -197,7 +263,11 @@ impl QueueWorker {
             Ok(false) => {}
             Ok(true) | Err(_) => {
                 if let Err(e) = vring.signal_used_queue() {
-                    guest_log!(Level::Warn, "queue {}: cannot notify the guest: {e}", self.index);
+                    guest_log!(
+                        Level::Warn,
+                        "queue {}: cannot notify the guest: {e}",
+                        self.index
+                    );
                 }
             }
         }
@@ -205,7 +275,9 @@ impl QueueWorker {
 
     /// Waits until every request this worker started has reached the used ring.
     fn drain(&mut self, dev: &DeviceState) {
-        let Some(vring) = self.vring.clone() else { return };
+        let Some(vring) = self.vring.clone() else {
+            return;
+        };
         let mut waited_s = 0;
         while self.engine.in_flight() > 0 {
             match wait_readable(self.engine.completion_fd(), 1000) {
@@ -213,8 +285,11 @@ impl QueueWorker {
                 Ok(false) => {
                     waited_s += 1;
                     if waited_s % 10 == 0 {
-                        log::warn!("queue {}: still waiting for {} requests after {waited_s} s",
-                            self.index, self.engine.in_flight());
+                        log::warn!(
+                            "queue {}: still waiting for {} requests after {waited_s} s",
+                            self.index,
+                            self.engine.in_flight()
+                        );
                     }
                 }
                 Err(e) => {
@@ -328,19 +403,33 @@ impl VhostUserBackend for BlkBackend {
     }
 
     fn get_config(&self, offset: u32, size: u32) -> Vec<u8> {
-        let config = config_space::render(&self.dev.export.disk, self.dev.export.write_cache.writeback());
+        let config = config_space::render(
+            &self.dev.export.disk,
+            self.dev.export.write_cache.writeback(),
+        );
         config_space::read_window(&config, offset, size)
     }
 
     fn set_config(&self, offset: u32, buf: &[u8]) -> io::Result<()> {
         if offset as usize == WCE_OFFSET && buf.len() == 1 {
             let writeback = buf[0] != 0;
-            guest_log!(Level::Info, "guest switched the write cache to {}",
-                if writeback { "writeback" } else { "writethrough" });
+            guest_log!(
+                Level::Info,
+                "guest switched the write cache to {}",
+                if writeback {
+                    "writeback"
+                } else {
+                    "writethrough"
+                }
+            );
             self.dev.export.write_cache.set_writeback(writeback);
         } else {
             // Refusing with an error would end the connection; the field is read-only.
-            guest_log!(Level::Warn, "ignoring a write to read-only config bytes {offset}..+{}", buf.len());
+            guest_log!(
+                Level::Warn,
+                "ignoring a write to read-only config bytes {offset}..+{}",
+                buf.len()
+            );
         }
         Ok(())
     }

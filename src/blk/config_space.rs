@@ -104,7 +104,10 @@ mod tests {
         let c = render(&geometry(), true);
         assert_eq!(read_window(&c, 0, 96), c.to_vec());
         assert_eq!(read_window(&c, 20, 4), c[20..24].to_vec());
-        assert_eq!(read_window(&c, 90, 10), [&c[90..96], &[0u8; 4][..]].concat());
+        assert_eq!(
+            read_window(&c, 90, 10),
+            [&c[90..96], &[0u8; 4][..]].concat()
+        );
         assert_eq!(read_window(&c, 200, 3), vec![0u8; 3]);
         assert_eq!(read_window(&c, 5, 0), Vec::<u8>::new());
     }

@@ -125,7 +125,12 @@ pub fn serial_bytes(serial: &str) -> Option<[u8; SERIAL_LEN]> {
 pub fn default_serial(identity: (u64, u64)) -> String {
     // FNV-1a: stable across runs and versions, unlike std's hasher.
     let mut h: u64 = 0xcbf2_9ce4_8422_2325;
-    for b in identity.0.to_le_bytes().iter().chain(identity.1.to_le_bytes().iter()) {
+    for b in identity
+        .0
+        .to_le_bytes()
+        .iter()
+        .chain(identity.1.to_le_bytes().iter())
+    {
         h ^= u64::from(*b);
         h = h.wrapping_mul(0x0000_0100_0000_01b3);
     }
@@ -163,7 +168,10 @@ mod tests {
         g.read_only = true;
         let ro = g.virtio_features();
         assert_ne!(ro & (1 << VIRTIO_BLK_F_RO), 0);
-        assert_eq!(ro & ((1 << VIRTIO_BLK_F_DISCARD) | (1 << VIRTIO_BLK_F_WRITE_ZEROES)), 0);
+        assert_eq!(
+            ro & ((1 << VIRTIO_BLK_F_DISCARD) | (1 << VIRTIO_BLK_F_WRITE_ZEROES)),
+            0
+        );
     }
 
     #[test]

@@ -9,13 +9,11 @@ use std::sync::Arc;
 
 use virtio_bindings::virtio_blk::*;
 use virtio_queue::desc::split::Descriptor;
-use vm_memory::{Address,
-    Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestUsize,
-};
+use vm_memory::{Address, Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestUsize};
 
 use super::{
-    DiskGeometry, MAX_DISCARD_SECTORS, MAX_DISCARD_SEGMENTS, MAX_WRITE_ZEROES_SECTORS,
-    SECTOR_SIZE, SERIAL_LEN,
+    DiskGeometry, MAX_DISCARD_SECTORS, MAX_DISCARD_SEGMENTS, MAX_WRITE_ZEROES_SECTORS, SECTOR_SIZE,
+    SERIAL_LEN,
 };
 use crate::engine::IoVec;
 
@@ -174,7 +172,9 @@ pub fn parse(
     disk: &DiskGeometry,
 ) -> Result<Request, ParseError> {
     let descs: Vec<Descriptor> = descs.into_iter().collect();
-    let last = descs.last().ok_or(ParseError::Unanswerable("empty chain"))?;
+    let last = descs
+        .last()
+        .ok_or(ParseError::Unanswerable("empty chain"))?;
     if last.has_next() {
         // The queue stopped following the chain: a loop, an overlong chain or a bad indirect
         // table. Nothing in it can be trusted, including where the status would go.
@@ -205,7 +205,8 @@ pub fn parse(
     }
     writable.retain(|r| r.len > 0);
 
-    let (header, payload) = split_at(&readable, HEADER_LEN).ok_or(reject(RequestError::ShortHeader))?;
+    let (header, payload) =
+        split_at(&readable, HEADER_LEN).ok_or(reject(RequestError::ShortHeader))?;
     let mut hdr = [0u8; HEADER_LEN];
     read_ranges(mem, &header, &mut hdr).map_err(|()| reject(RequestError::BadAddress))?;
     let req_type = u32::from_le_bytes(hdr[0..4].try_into().unwrap_or_default());
@@ -216,10 +217,11 @@ pub fn parse(
             if !payload.is_empty() {
                 return Err(reject(RequestError::WrongDirection(req_type)));
             }
-            check_rw_range(disk, sector, total_len(&writable)).map_err(reject)?;
+            check_range(disk, sector, total_len(&writable)).map_err(reject)?;
             RequestKind::Read {
                 sector,
-                bufs: host_buffers(mem, &writable).map_err(|()| reject(RequestError::BadAddress))?,
+                bufs: host_buffers(mem, &writable)
+                    .map_err(|()| reject(RequestError::BadAddress))?,
             }
         }
         VIRTIO_BLK_T_OUT => {
@@ -229,7 +231,7 @@ pub fn parse(
             if disk.read_only {
                 return Err(reject(RequestError::ReadOnly));
             }
-            check_rw_range(disk, sector, total_len(&payload)).map_err(reject)?;
+            check_range(disk, sector, total_len(&payload)).map_err(reject)?;
             RequestKind::Write {
                 sector,
                 bufs: host_buffers(mem, &payload).map_err(|()| reject(RequestError::BadAddress))?,
@@ -277,7 +279,10 @@ fn parse_range_request(
     disk: &DiskGeometry,
 ) -> Result<RequestKind, RequestError> {
     let len = total_len(payload) as usize;
-    if len == 0 || len % SEGMENT_LEN != 0 || len / SEGMENT_LEN > MAX_DISCARD_SEGMENTS as usize {
+    if len == 0
+        || !len.is_multiple_of(SEGMENT_LEN)
+        || len / SEGMENT_LEN > MAX_DISCARD_SEGMENTS as usize
+    {
         return Err(RequestError::BadSegments(len));
     }
     let mut seg = [0u8; SEGMENT_LEN];
@@ -309,14 +314,10 @@ fn parse_range_request(
     })
 }
 
-fn check_rw_range(disk: &DiskGeometry, sector: u64, len: u64) -> Result<(), RequestError> {
-    check_range(disk, sector, len)
-}
-
 /// Checks alignment to the logical block size and that the range lies within the disk.
 fn check_range(disk: &DiskGeometry, sector: u64, len: u64) -> Result<(), RequestError> {
     let block = u64::from(disk.logical_block_size);
-    if len % block != 0 || sector % disk.sectors_per_block() != 0 {
+    if !len.is_multiple_of(block) || !sector.is_multiple_of(disk.sectors_per_block()) {
         return Err(RequestError::Misaligned { sector, len });
     }
     let sectors = len / SECTOR_SIZE;
@@ -348,7 +349,10 @@ fn split_at(ranges: &[Range], mut n: usize) -> Option<(Vec<Range>, Vec<Range>)> 
             head.push(*r);
             n -= r.len;
         } else {
-            head.push(Range { addr: r.addr, len: n });
+            head.push(Range {
+                addr: r.addr,
+                len: n,
+            });
             tail.push(Range {
                 addr: r.addr.unchecked_add(n as u64),
                 len: r.len - n,
@@ -363,7 +367,8 @@ fn read_ranges(mem: &GuestMemory, ranges: &[Range], out: &mut [u8]) -> Result<()
     let mut at = 0;
     for r in ranges {
         let n = r.len.min(out.len() - at);
-        mem.read_slice(&mut out[at..at + n], r.addr).map_err(|_| ())?;
+        mem.read_slice(&mut out[at..at + n], r.addr)
+            .map_err(|_| ())?;
         at += n;
     }
     Ok(())
@@ -386,7 +391,11 @@ fn host_buffers(mem: &GuestMemory, ranges: &[Range]) -> Result<Vec<IoVec>, ()> {
 }
 
 /// Writes the serial into a GET_ID request's buffers.
-pub fn write_serial(mem: &GuestMemory, dest: &[(GuestAddress, usize)], serial: &[u8; SERIAL_LEN]) -> bool {
+pub fn write_serial(
+    mem: &GuestMemory,
+    dest: &[(GuestAddress, usize)],
+    serial: &[u8; SERIAL_LEN],
+) -> bool {
     let mut at = 0;
     for &(addr, len) in dest {
         if mem.write_slice(&serial[at..at + len], addr).is_err() {
@@ -420,15 +429,19 @@ mod tests {
     fn memory() -> Arc<GuestMemory> {
         // Two regions with a gap between them: [0, 64K) and [128K, 192K).
         Arc::new(
-            GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 0x10000), (GuestAddress(0x20000), 0x10000)])
-                .unwrap(),
+            GuestMemoryMmap::from_ranges(&[
+                (GuestAddress(0), 0x10000),
+                (GuestAddress(0x20000), 0x10000),
+            ])
+            .unwrap(),
         )
     }
 
     fn header(mem: &GuestMemory, t: u32, sector: u64) {
         mem.write_obj(t.to_le(), GuestAddress(HDR)).unwrap();
         mem.write_obj(0u32, GuestAddress(HDR + 4)).unwrap();
-        mem.write_obj(sector.to_le(), GuestAddress(HDR + 8)).unwrap();
+        mem.write_obj(sector.to_le(), GuestAddress(HDR + 8))
+            .unwrap();
     }
 
     fn d(addr: u64, len: u32, flags: u16) -> Descriptor {
@@ -453,14 +466,22 @@ mod tests {
     fn read_with_split_header_and_data_sharing_the_status_descriptor() {
         let mem = memory();
         header(&mem, VIRTIO_BLK_T_IN, 8);
-        let chain = [d(HDR, 10, R), d(HDR + 10, 6, R), d(DATA, 1024, W), d(DATA + 1024, 513, LAST_W)];
+        let chain = [
+            d(HDR, 10, R),
+            d(HDR + 10, 6, R),
+            d(DATA, 1024, W),
+            d(DATA + 1024, 513, LAST_W),
+        ];
         let req = parse(chain, &mem, &geometry()).unwrap();
         assert_eq!(req.status, GuestAddress(DATA + 1024 + 512));
         assert_eq!(req.used_len, 1537);
         match req.kind {
             RequestKind::Read { sector, bufs } => {
                 assert_eq!(sector, 8);
-                assert_eq!(bufs.iter().map(IoVec::len).collect::<Vec<_>>(), vec![1024, 512]);
+                assert_eq!(
+                    bufs.iter().map(IoVec::len).collect::<Vec<_>>(),
+                    vec![1024, 512]
+                );
             }
             other => panic!("{other:?}"),
         }
@@ -473,7 +494,9 @@ mod tests {
         // Header and 512 bytes of data in one readable descriptor.
         let req = parse([d(HDR, 16 + 512, R), status_desc()], &mem, &geometry()).unwrap();
         assert_eq!(req.used_len, 1);
-        assert!(matches!(req.kind, RequestKind::Write { sector: 0, ref bufs } if bufs.len() == 1 && bufs[0].len() == 512));
+        assert!(
+            matches!(req.kind, RequestKind::Write { sector: 0, ref bufs } if bufs.len() == 1 && bufs[0].len() == 512)
+        );
     }
 
     #[test]
@@ -481,7 +504,11 @@ mod tests {
         let mem = memory();
         header(&mem, VIRTIO_BLK_T_IN, 0);
         // 0xf000..0x11000 crosses the end of region 0 into the gap.
-        let err = rejected(parse([d(HDR, 16, R), d(0xf000, 0x2000, W), status_desc()], &mem, &geometry()));
+        let err = rejected(parse(
+            [d(HDR, 16, R), d(0xf000, 0x2000, W), status_desc()],
+            &mem,
+            &geometry(),
+        ));
         assert_eq!(err, RequestError::BadAddress);
     }
 
@@ -490,11 +517,29 @@ mod tests {
         let mem = memory();
         let g = geometry();
         header(&mem, VIRTIO_BLK_T_IN, 0);
-        assert_eq!(rejected(parse([d(HDR, 16, R), d(DATA, 512, R), status_desc()], &mem, &g)), RequestError::WrongDirection(0));
-        header(&mem, VIRTIO_BLK_T_OUT, 0);
-        assert_eq!(rejected(parse([d(HDR, 16, R), d(DATA, 512, W), status_desc()], &mem, &g)), RequestError::WrongDirection(1));
         assert_eq!(
-            rejected(parse([d(DATA, 512, W), d(HDR, 16, R), status_desc()], &mem, &g)),
+            rejected(parse(
+                [d(HDR, 16, R), d(DATA, 512, R), status_desc()],
+                &mem,
+                &g
+            )),
+            RequestError::WrongDirection(0)
+        );
+        header(&mem, VIRTIO_BLK_T_OUT, 0);
+        assert_eq!(
+            rejected(parse(
+                [d(HDR, 16, R), d(DATA, 512, W), status_desc()],
+                &mem,
+                &g
+            )),
+            RequestError::WrongDirection(1)
+        );
+        assert_eq!(
+            rejected(parse(
+                [d(DATA, 512, W), d(HDR, 16, R), status_desc()],
+                &mem,
+                &g
+            )),
             RequestError::ReadableAfterWritable
         );
     }
@@ -504,7 +549,10 @@ mod tests {
         let mem = memory();
         let g = geometry();
         header(&mem, VIRTIO_BLK_T_IN, 0);
-        assert_eq!(rejected(parse([d(HDR, 15, R), status_desc()], &mem, &g)), RequestError::ShortHeader);
+        assert_eq!(
+            rejected(parse([d(HDR, 15, R), status_desc()], &mem, &g)),
+            RequestError::ShortHeader
+        );
         header(&mem, 77, 0);
         let e = rejected(parse([d(HDR, 16, R), status_desc()], &mem, &g));
         assert_eq!(e, RequestError::UnsupportedType(77));
@@ -518,18 +566,53 @@ mod tests {
         header(&mem, VIRTIO_BLK_T_IN, 2047);
         assert!(parse([d(HDR, 16, R), d(DATA, 512, W), status_desc()], &mem, &g).is_ok());
         assert_eq!(
-            rejected(parse([d(HDR, 16, R), d(DATA, 1024, W), status_desc()], &mem, &g)),
-            RequestError::OutOfRange { sector: 2047, sectors: 2 }
+            rejected(parse(
+                [d(HDR, 16, R), d(DATA, 1024, W), status_desc()],
+                &mem,
+                &g
+            )),
+            RequestError::OutOfRange {
+                sector: 2047,
+                sectors: 2
+            }
         );
         header(&mem, VIRTIO_BLK_T_IN, u64::MAX);
-        assert!(matches!(rejected(parse([d(HDR, 16, R), d(DATA, 512, W), status_desc()], &mem, &g)), RequestError::OutOfRange { .. }));
+        assert!(matches!(
+            rejected(parse(
+                [d(HDR, 16, R), d(DATA, 512, W), status_desc()],
+                &mem,
+                &g
+            )),
+            RequestError::OutOfRange { .. }
+        ));
         header(&mem, VIRTIO_BLK_T_IN, 0);
-        assert!(matches!(rejected(parse([d(HDR, 16, R), d(DATA, 100, W), status_desc()], &mem, &g)), RequestError::Misaligned { .. }));
+        assert!(matches!(
+            rejected(parse(
+                [d(HDR, 16, R), d(DATA, 100, W), status_desc()],
+                &mem,
+                &g
+            )),
+            RequestError::Misaligned { .. }
+        ));
         g.logical_block_size = 4096;
         header(&mem, VIRTIO_BLK_T_IN, 1);
-        assert!(matches!(rejected(parse([d(HDR, 16, R), d(DATA, 4096, W), status_desc()], &mem, &g)), RequestError::Misaligned { .. }));
+        assert!(matches!(
+            rejected(parse(
+                [d(HDR, 16, R), d(DATA, 4096, W), status_desc()],
+                &mem,
+                &g
+            )),
+            RequestError::Misaligned { .. }
+        ));
         header(&mem, VIRTIO_BLK_T_IN, 8);
-        assert!(matches!(rejected(parse([d(HDR, 16, R), d(DATA, 512, W), status_desc()], &mem, &g)), RequestError::Misaligned { .. }));
+        assert!(matches!(
+            rejected(parse(
+                [d(HDR, 16, R), d(DATA, 512, W), status_desc()],
+                &mem,
+                &g
+            )),
+            RequestError::Misaligned { .. }
+        ));
         assert!(parse([d(HDR, 16, R), d(DATA, 4096, W), status_desc()], &mem, &g).is_ok());
     }
 
@@ -538,12 +621,28 @@ mod tests {
         let mem = memory();
         let mut g = geometry();
         g.read_only = true;
-        for t in [VIRTIO_BLK_T_OUT, VIRTIO_BLK_T_DISCARD, VIRTIO_BLK_T_WRITE_ZEROES] {
+        for t in [
+            VIRTIO_BLK_T_OUT,
+            VIRTIO_BLK_T_DISCARD,
+            VIRTIO_BLK_T_WRITE_ZEROES,
+        ] {
             header(&mem, t, 0);
-            assert_eq!(rejected(parse([d(HDR, 16, R), d(DATA, 512, R), status_desc()], &mem, &g)), RequestError::ReadOnly);
+            assert_eq!(
+                rejected(parse(
+                    [d(HDR, 16, R), d(DATA, 512, R), status_desc()],
+                    &mem,
+                    &g
+                )),
+                RequestError::ReadOnly
+            );
         }
         header(&mem, VIRTIO_BLK_T_FLUSH, 0);
-        assert!(matches!(parse([d(HDR, 16, R), status_desc()], &mem, &g).unwrap().kind, RequestKind::Flush));
+        assert!(matches!(
+            parse([d(HDR, 16, R), status_desc()], &mem, &g)
+                .unwrap()
+                .kind,
+            RequestKind::Flush
+        ));
     }
 
     #[test]
@@ -553,14 +652,20 @@ mod tests {
         header(&mem, VIRTIO_BLK_T_IN, 0);
         let cases: Vec<Vec<Descriptor>> = vec![
             vec![],
-            vec![d(HDR, 16, R)],                                   // no writable status
-            vec![d(HDR, 16, R), d(STATUS, 0, LAST_W)],             // empty status
-            vec![d(HDR, 16, R), d(0x18000, 1, LAST_W)],            // status in the gap
-            vec![d(HDR, 16, R), d(u64::MAX, 2, LAST_W)],           // status address overflows
-            vec![d(HDR, 16, R), d(STATUS, 1, W)],                  // truncated chain
+            vec![d(HDR, 16, R)],                         // no writable status
+            vec![d(HDR, 16, R), d(STATUS, 0, LAST_W)],   // empty status
+            vec![d(HDR, 16, R), d(0x18000, 1, LAST_W)],  // status in the gap
+            vec![d(HDR, 16, R), d(u64::MAX, 2, LAST_W)], // status address overflows
+            vec![d(HDR, 16, R), d(STATUS, 1, W)],        // truncated chain
         ];
         for chain in cases {
-            assert!(matches!(parse(chain.clone(), &mem, &g), Err(ParseError::Unanswerable(_))), "{chain:?}");
+            assert!(
+                matches!(
+                    parse(chain.clone(), &mem, &g),
+                    Err(ParseError::Unanswerable(_))
+                ),
+                "{chain:?}"
+            );
         }
     }
 
@@ -568,21 +673,41 @@ mod tests {
     fn get_id_takes_at_most_twenty_bytes() {
         let mem = memory();
         header(&mem, VIRTIO_BLK_T_GET_ID, 0);
-        let req = parse([d(HDR, 16, R), d(DATA, 12, W), d(DATA + 100, 64, W), status_desc()], &mem, &geometry()).unwrap();
+        let req = parse(
+            [
+                d(HDR, 16, R),
+                d(DATA, 12, W),
+                d(DATA + 100, 64, W),
+                status_desc(),
+            ],
+            &mem,
+            &geometry(),
+        )
+        .unwrap();
         assert_eq!(req.used_len, 21);
-        let RequestKind::GetId { dest } = req.kind else { panic!() };
-        assert_eq!(dest, vec![(GuestAddress(DATA), 12), (GuestAddress(DATA + 100), 8)]);
+        let RequestKind::GetId { dest } = req.kind else {
+            panic!()
+        };
+        assert_eq!(
+            dest,
+            vec![(GuestAddress(DATA), 12), (GuestAddress(DATA + 100), 8)]
+        );
         assert!(write_serial(&mem, &dest, &geometry().serial));
         let mut got = [0u8; 12];
         mem.read_slice(&mut got, GuestAddress(DATA)).unwrap();
         assert_eq!(&got[..11], b"test-serial");
-        assert_eq!(rejected(parse([d(HDR, 16, R), status_desc()], &mem, &geometry())), RequestError::NoIdBuffer);
+        assert_eq!(
+            rejected(parse([d(HDR, 16, R), status_desc()], &mem, &geometry())),
+            RequestError::NoIdBuffer
+        );
     }
 
     fn segment(mem: &GuestMemory, sector: u64, sectors: u32, flags: u32) {
         mem.write_obj(sector.to_le(), GuestAddress(DATA)).unwrap();
-        mem.write_obj(sectors.to_le(), GuestAddress(DATA + 8)).unwrap();
-        mem.write_obj(flags.to_le(), GuestAddress(DATA + 12)).unwrap();
+        mem.write_obj(sectors.to_le(), GuestAddress(DATA + 8))
+            .unwrap();
+        mem.write_obj(flags.to_le(), GuestAddress(DATA + 12))
+            .unwrap();
     }
 
     #[test]
@@ -592,20 +717,59 @@ mod tests {
         let chain = || [d(HDR, 16, R), d(DATA, 16, R), status_desc()];
         header(&mem, VIRTIO_BLK_T_WRITE_ZEROES, 0);
         segment(&mem, 8, 16, VIRTIO_BLK_WRITE_ZEROES_FLAG_UNMAP);
-        assert!(matches!(parse(chain(), &mem, &g).unwrap().kind, RequestKind::WriteZeroes { sector: 8, sectors: 16, unmap: true }));
+        assert!(matches!(
+            parse(chain(), &mem, &g).unwrap().kind,
+            RequestKind::WriteZeroes {
+                sector: 8,
+                sectors: 16,
+                unmap: true
+            }
+        ));
         segment(&mem, 8, 16, 0x4);
-        assert_eq!(rejected(parse(chain(), &mem, &g)), RequestError::UnsupportedFlags(4));
+        assert_eq!(
+            rejected(parse(chain(), &mem, &g)),
+            RequestError::UnsupportedFlags(4)
+        );
 
         header(&mem, VIRTIO_BLK_T_DISCARD, 0);
         segment(&mem, 0, 2048, 0);
-        assert!(matches!(parse(chain(), &mem, &g).unwrap().kind, RequestKind::Discard { sector: 0, sectors: 2048 }));
+        assert!(matches!(
+            parse(chain(), &mem, &g).unwrap().kind,
+            RequestKind::Discard {
+                sector: 0,
+                sectors: 2048
+            }
+        ));
         segment(&mem, 0, 8, VIRTIO_BLK_WRITE_ZEROES_FLAG_UNMAP);
-        assert_eq!(rejected(parse(chain(), &mem, &g)).status(), VIRTIO_BLK_S_UNSUPP as u8);
+        assert_eq!(
+            rejected(parse(chain(), &mem, &g)).status(),
+            VIRTIO_BLK_S_UNSUPP as u8
+        );
         segment(&mem, 2040, 16, 0);
-        assert!(matches!(rejected(parse(chain(), &mem, &g)), RequestError::OutOfRange { .. }));
+        assert!(matches!(
+            rejected(parse(chain(), &mem, &g)),
+            RequestError::OutOfRange { .. }
+        ));
         segment(&mem, 0, MAX_DISCARD_SECTORS + 1, 0);
-        assert!(matches!(rejected(parse(chain(), &mem, &g)), RequestError::TooLarge(_)));
-        assert_eq!(rejected(parse([d(HDR, 16, R), d(DATA, 32, R), status_desc()], &mem, &g)), RequestError::BadSegments(32));
-        assert_eq!(rejected(parse([d(HDR, 16, R), d(DATA, 15, R), status_desc()], &mem, &g)), RequestError::BadSegments(15));
+        assert!(matches!(
+            rejected(parse(chain(), &mem, &g)),
+            RequestError::TooLarge(_)
+        ));
+        assert_eq!(
+            rejected(parse(
+                [d(HDR, 16, R), d(DATA, 32, R), status_desc()],
+                &mem,
+                &g
+            )),
+            RequestError::BadSegments(32)
+        );
+        assert_eq!(
+            rejected(parse(
+                [d(HDR, 16, R), d(DATA, 15, R), status_desc()],
+                &mem,
+                &g
+            )),
+            RequestError::BadSegments(15)
+        );
     }
 }

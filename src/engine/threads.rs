@@ -20,10 +20,19 @@ use crate::backing::Backing;
 pub fn execute_sync(backing: &Backing, op: &mut IoOp) -> io::Result<()> {
     match op {
         IoOp::Read { offset, bufs } => backing.read_vectored_at(bufs, *offset),
-        IoOp::Write { offset, bufs, durable } => backing.write_vectored_at(bufs, *offset, *durable),
+        IoOp::Write {
+            offset,
+            bufs,
+            durable,
+        } => backing.write_vectored_at(bufs, *offset, *durable),
         IoOp::Flush => backing.flush(),
         IoOp::Discard { offset, len } => backing.discard(*offset, *len),
-        IoOp::WriteZeroes { offset, len, unmap, durable } => {
+        IoOp::WriteZeroes {
+            offset,
+            len,
+            unmap,
+            durable,
+        } => {
             backing.write_zeroes(*offset, *len, *unmap)?;
             if *durable { backing.flush() } else { Ok(()) }
         }
@@ -110,7 +119,10 @@ fn pool_thread<T>(shared: &PoolShared<T>) {
                     return;
                 }
                 state.idle += 1;
-                state = shared.work_ready.wait(state).unwrap_or_else(PoisonError::into_inner);
+                state = shared
+                    .work_ready
+                    .wait(state)
+                    .unwrap_or_else(PoisonError::into_inner);
                 state.idle -= 1;
             }
         };
@@ -120,7 +132,10 @@ fn pool_thread<T>(shared: &PoolShared<T>) {
         drop(job.op);
         let was_empty = {
             let mut done = lock(&shared.done);
-            done.push(Completion { token: job.token, result });
+            done.push(Completion {
+                token: job.token,
+                result,
+            });
             done.len() == 1
         };
         if was_empty {
@@ -141,7 +156,10 @@ impl<T: Send + 'static> IoEngine<T> for ThreadPoolEngine<T> {
 
     fn submit(&mut self, op: IoOp, token: T) -> Result<(), Rejected<T>> {
         if self.in_flight >= self.capacity {
-            return Err(Rejected { token, error: EngineError::Full });
+            return Err(Rejected {
+                token,
+                error: EngineError::Full,
+            });
         }
         let need_thread = {
             let mut state = lock(&self.shared.state);
@@ -153,10 +171,16 @@ impl<T: Send + 'static> IoEngine<T> for ThreadPoolEngine<T> {
                 // Nobody would ever run the job: take it back.
                 let job = lock(&self.shared.state).jobs.pop_back();
                 if let Some(job) = job {
-                    return Err(Rejected { token: job.token, error: EngineError::Io(e) });
+                    return Err(Rejected {
+                        token: job.token,
+                        error: EngineError::Io(e),
+                    });
                 }
             }
-            log::warn!("cannot start another I/O thread, continuing with {}: {e}", self.threads.len());
+            log::warn!(
+                "cannot start another I/O thread, continuing with {}: {e}",
+                self.threads.len()
+            );
         }
         self.shared.work_ready.notify_one();
         self.in_flight += 1;
@@ -199,14 +223,20 @@ mod tests {
     use crate::engine::{IoVec, wait_readable};
 
     fn backing(dir: &tempfile::TempDir) -> Arc<Backing> {
-        let params = OpenParams { read_only: false, create_size: Some(1 << 20) };
+        let params = OpenParams {
+            read_only: false,
+            create_size: Some(1 << 20),
+        };
         Arc::new(Backing::open(&dir.path().join("d.img"), &params).unwrap())
     }
 
     fn reap_all<T: Send + 'static>(engine: &mut ThreadPoolEngine<T>) -> Vec<Completion<T>> {
         let mut out = Vec::new();
         while engine.in_flight() > 0 {
-            assert!(wait_readable(engine.completion_fd(), 5000).unwrap(), "no completion within 5 s");
+            assert!(
+                wait_readable(engine.completion_fd(), 5000).unwrap(),
+                "no completion within 5 s"
+            );
             engine.reap(&mut out);
         }
         out
@@ -220,17 +250,35 @@ mod tests {
         for (i, buf) in bufs.iter_mut().enumerate() {
             // SAFETY: `bufs` outlives the engine's use of it (we reap everything below).
             let iov = unsafe { IoVec::new(buf.as_mut_ptr(), buf.len()) };
-            let op = IoOp::Write { offset: i as u64 * 4096, bufs: vec![iov], durable: i % 2 == 0 };
+            let op = IoOp::Write {
+                offset: i as u64 * 4096,
+                bufs: vec![iov],
+                durable: i % 2 == 0,
+            };
             engine.submit(op, i).unwrap();
         }
-        let mut tokens: Vec<usize> = reap_all(&mut engine).into_iter().map(|c| { c.result.unwrap(); c.token }).collect();
+        let mut tokens: Vec<usize> = reap_all(&mut engine)
+            .into_iter()
+            .map(|c| {
+                c.result.unwrap();
+                c.token
+            })
+            .collect();
         tokens.sort();
         assert_eq!(tokens, (0..32).collect::<Vec<_>>());
 
         let mut back = vec![0u8; 4096];
         // SAFETY: `back` outlives the operation.
         let iov = unsafe { IoVec::new(back.as_mut_ptr(), back.len()) };
-        engine.submit(IoOp::Read { offset: 7 * 4096, bufs: vec![iov] }, 99).unwrap();
+        engine
+            .submit(
+                IoOp::Read {
+                    offset: 7 * 4096,
+                    bufs: vec![iov],
+                },
+                99,
+            )
+            .unwrap();
         engine.submit(IoOp::Flush, 100).unwrap();
         let done = reap_all(&mut engine);
         assert!(done.iter().all(|c| c.result.is_ok()));
@@ -259,7 +307,15 @@ mod tests {
         // SAFETY: `buf` outlives the operation.
         let iov = unsafe { IoVec::new(buf.as_mut_ptr(), buf.len()) };
         // Past the end of the image: the read comes up short, which must be an error.
-        engine.submit(IoOp::Read { offset: (1 << 20) - 512, bufs: vec![iov] }, 7).unwrap();
+        engine
+            .submit(
+                IoOp::Read {
+                    offset: (1 << 20) - 512,
+                    bufs: vec![iov],
+                },
+                7,
+            )
+            .unwrap();
         let done = reap_all(&mut engine);
         assert_eq!(done[0].token, 7);
         assert!(done[0].result.is_err());
