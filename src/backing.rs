@@ -91,6 +91,8 @@ pub struct OpenParams {
     /// Create a preallocated image of this many bytes when the path does not exist; when it
     /// does, its size must match.
     pub create_size: Option<u64>,
+    /// Open with O_DIRECT (bypass the page cache).
+    pub direct: bool,
 }
 
 /// An open backing.
@@ -101,6 +103,7 @@ pub struct Backing {
     kind: BackingKind,
     size: u64,
     read_only: bool,
+    direct: bool,
     /// Logical block size of a block device, or 512 for a file.
     native_logical_block: u32,
     /// Physical (or preferred I/O) block size.
@@ -127,7 +130,7 @@ impl Backing {
         let file = OpenOptions::new()
             .read(true)
             .write(!params.read_only)
-            .custom_flags(libc::O_CLOEXEC)
+            .custom_flags(libc::O_CLOEXEC | if params.direct { libc::O_DIRECT } else { 0 })
             .open(path)
             .map_err(|source| BackingError::Open {
                 path: path.into(),
@@ -180,6 +183,7 @@ impl Backing {
             kind,
             size,
             read_only: params.read_only,
+            direct: params.direct,
             native_logical_block,
             physical_block,
             identity,
@@ -204,6 +208,16 @@ impl Backing {
     /// Whether it was opened read-only.
     pub fn read_only(&self) -> bool {
         self.read_only
+    }
+
+    /// Whether it was opened with O_DIRECT.
+    pub fn direct(&self) -> bool {
+        self.direct
+    }
+
+    /// The open file, for engines that submit to the kernel themselves.
+    pub fn file(&self) -> &File {
+        &self.file
     }
 
     /// The smallest block the backing itself can address (512 for files).
@@ -462,8 +476,8 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("disk.img");
         let params = OpenParams {
-            read_only: false,
             create_size: Some(4 << 20),
+            ..Default::default()
         };
         let b = Backing::open(&path, &params).unwrap();
         assert_eq!(b.size(), 4 << 20);
@@ -473,8 +487,8 @@ mod tests {
         let err = Backing::open(
             &path,
             &OpenParams {
-                read_only: false,
                 create_size: Some(8 << 20),
+                ..Default::default()
             },
         )
         .unwrap_err();
@@ -490,8 +504,8 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("disk.img");
         let params = OpenParams {
-            read_only: false,
             create_size: Some(1 << 20),
+            ..Default::default()
         };
         let _first = Backing::open(&path, &params).unwrap();
         let err = Backing::open(&path, &OpenParams::default()).unwrap_err();
@@ -505,7 +519,7 @@ mod tests {
             dir.path(),
             &OpenParams {
                 read_only: true,
-                create_size: None,
+                ..Default::default()
             },
         )
         .unwrap_err();
@@ -519,8 +533,8 @@ mod tests {
         let b = Backing::open(
             &path,
             &OpenParams {
-                read_only: false,
                 create_size: Some(1 << 20),
+                ..Default::default()
             },
         )
         .unwrap();

@@ -6,6 +6,7 @@ use std::sync::Arc;
 use anyhow::{Context, Result};
 use clap::{Parser, Subcommand, ValueEnum};
 
+use vublk::engine::EngineKind;
 use vublk::export::{Export, ExportConfig};
 use vublk::server::{self, SocketConfig};
 
@@ -162,6 +163,8 @@ fn serve(args: ServeArgs) -> Result<()> {
         logical_block_size: args.logical_block_size,
         writeback: args.write_cache == WriteCacheMode::Writeback,
         io_threads: usize::from(args.io_threads),
+        engine: EngineKind::Threads,
+        direct: false,
     })?;
     let listener = server::bind_socket(&SocketConfig {
         path: socket.clone(),

@@ -5,6 +5,7 @@ use std::sync::Arc;
 
 use crate::backing::{Backing, BackingError, OpenParams};
 use crate::blk::{DiskGeometry, SECTOR_SIZE, WriteCache, default_serial, serial_bytes};
+use crate::engine::EngineKind;
 
 /// What the operator asked for.
 #[derive(Debug, Clone)]
@@ -27,6 +28,10 @@ pub struct ExportConfig {
     pub writeback: bool,
     /// Most I/O threads per queue for the thread-pool engine.
     pub io_threads: usize,
+    /// The engine every queue uses.
+    pub engine: EngineKind,
+    /// Open the backing with O_DIRECT.
+    pub direct: bool,
 }
 
 /// Errors setting up an export.
@@ -74,6 +79,8 @@ pub struct Export {
     pub write_cache: WriteCache,
     /// Most I/O threads per queue.
     pub io_threads: usize,
+    /// The engine every queue uses.
+    pub engine: EngineKind,
 }
 
 impl Export {
@@ -93,6 +100,7 @@ impl Export {
             &OpenParams {
                 read_only: cfg.read_only,
                 create_size: cfg.create_size,
+                direct: cfg.direct,
             },
         )?;
         let native = backing.native_logical_block();
@@ -140,6 +148,7 @@ impl Export {
             disk,
             write_cache: WriteCache::new(cfg.writeback),
             io_threads: cfg.io_threads,
+            engine: cfg.engine,
         })
     }
 
@@ -166,6 +175,8 @@ mod tests {
             logical_block_size: None,
             writeback: true,
             io_threads: 4,
+            engine: EngineKind::Threads,
+            direct: false,
         }
     }
 

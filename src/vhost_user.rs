@@ -23,7 +23,7 @@ use vmm_sys_util::event::{
 use crate::blk::SECTOR_SIZE;
 use crate::blk::config_space::{self, WCE_OFFSET};
 use crate::blk::request::{self, GuestMemory, ParseError, Request, RequestKind};
-use crate::engine::{Completion, IoEngine, IoOp, Rejected, ThreadPoolEngine, wait_readable};
+use crate::engine::{self, Completion, EngineParams, IoEngine, IoOp, Rejected, wait_readable};
 use crate::export::Export;
 use crate::guest_log;
 
@@ -319,14 +319,18 @@ impl BlkBackend {
         let queues = usize::from(export.disk.num_queues);
         let mut workers = Vec::with_capacity(queues);
         for index in 0..queues {
-            let engine = ThreadPoolEngine::new(
+            let engine = engine::create(
+                export.engine,
                 export.backing.clone(),
-                export.io_threads,
-                usize::from(export.disk.queue_size),
-            )?;
+                EngineParams {
+                    queue_depth: usize::from(export.disk.queue_size),
+                    io_threads: export.io_threads,
+                },
+            )
+            .map_err(io::Error::other)?;
             workers.push(Mutex::new(QueueWorker {
                 index,
-                engine: Box::new(engine),
+                engine,
                 vring: None,
                 completions: Vec::new(),
                 throttled: false,

@@ -8,10 +8,70 @@
 
 use std::io;
 use std::os::unix::io::RawFd;
+use std::sync::Arc;
+
+use crate::backing::Backing;
 
 pub mod threads;
 
 pub use threads::ThreadPoolEngine;
+
+/// The engines vublk has.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum EngineKind {
+    /// A per-queue thread pool doing preadv/pwritev (page cache or O_DIRECT).
+    Threads,
+    /// One io_uring per queue thread.
+    IoUring,
+    /// Linux native AIO (io_submit), O_DIRECT only.
+    LinuxAio,
+}
+
+impl EngineKind {
+    /// The name used on the command line and in logs.
+    pub fn name(self) -> &'static str {
+        match self {
+            EngineKind::Threads => "threads",
+            EngineKind::IoUring => "io-uring",
+            EngineKind::LinuxAio => "linux-aio",
+        }
+    }
+}
+
+impl std::fmt::Display for EngineKind {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+/// Sizing of one queue thread's engine.
+#[derive(Debug, Clone, Copy)]
+pub struct EngineParams {
+    /// Most operations in flight (the virtqueue size: a ring never holds more requests).
+    pub queue_depth: usize,
+    /// Most pool threads (thread-pool engine, and helper paths of the others).
+    pub io_threads: usize,
+}
+
+/// Creates the engine of `kind` for one queue thread.
+pub fn create<T: Send + 'static>(
+    kind: EngineKind,
+    backing: Arc<Backing>,
+    params: EngineParams,
+) -> Result<Box<dyn IoEngine<T>>, EngineError> {
+    match kind {
+        EngineKind::Threads => Ok(Box::new(ThreadPoolEngine::new(
+            backing,
+            params.io_threads,
+            params.queue_depth,
+        )?)),
+        other => Err(EngineError::Unavailable(
+            other,
+            "not built into this version".into(),
+        )),
+    }
+}
 
 /// One scatter-gather element: a pointer and a length, as the kernel's `struct iovec`.
 #[repr(transparent)]
@@ -124,6 +184,9 @@ pub enum EngineError {
     /// The engine could not be set up or failed as a whole.
     #[error("I/O engine failure: {0}")]
     Io(#[from] io::Error),
+    /// The engine cannot run here (kernel, configuration or backing), and why.
+    #[error("the {0} engine is unavailable: {1}")]
+    Unavailable(EngineKind, String),
 }
 
 /// A refused submission: the token goes back to the caller with the reason.

@@ -224,8 +224,8 @@ mod tests {
 
     fn backing(dir: &tempfile::TempDir) -> Arc<Backing> {
         let params = OpenParams {
-            read_only: false,
             create_size: Some(1 << 20),
+            ..Default::default()
         };
         Arc::new(Backing::open(&dir.path().join("d.img"), &params).unwrap())
     }
