@@ -110,6 +110,43 @@ pub struct Backing {
     physical_block: u32,
     /// Stable identity (device and inode, or device number) for the default serial.
     identity: (u64, u64),
+    /// O_DIRECT alignment of buffer addresses and of offsets/lengths.
+    dio_align: DioAlign,
+}
+
+/// What O_DIRECT requires of a transfer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+pub struct DioAlign {
+    /// Every buffer address must be a multiple of this.
+    pub mem: u32,
+    /// Offsets and every segment length must be multiples of this.
+    pub offset: u32,
+}
+
+/// STATX_DIOALIGN (Linux 6.1); libc does not export it for Linux yet.
+const STATX_DIOALIGN: u32 = 0x2000;
+
+/// The O_DIRECT alignment the kernel reports for `file`, if it reports one.
+pub fn dio_alignment(file: &File) -> Option<DioAlign> {
+    // SAFETY: an all-zero statx is a valid value for the kernel to overwrite.
+    let mut stx: libc::statx = unsafe { std::mem::zeroed() };
+    // SAFETY: the path is an empty C string (AT_EMPTY_PATH: the fd itself is queried) and
+    // `stx` is a valid, writable statx buffer for the duration of the call.
+    let ret = unsafe {
+        libc::statx(
+            file.as_raw_fd(),
+            c"".as_ptr(),
+            libc::AT_EMPTY_PATH,
+            STATX_DIOALIGN,
+            &mut stx,
+        )
+    };
+    (ret == 0 && stx.stx_mask & STATX_DIOALIGN != 0 && stx.stx_dio_mem_align != 0).then_some(
+        DioAlign {
+            mem: stx.stx_dio_mem_align,
+            offset: stx.stx_dio_offset_align,
+        },
+    )
 }
 
 impl Backing {
@@ -173,6 +210,10 @@ impl Backing {
                 requested,
             });
         }
+        let dio_align = dio_alignment(&file).unwrap_or(DioAlign {
+            mem: 512,
+            offset: native_logical_block,
+        });
         lock(&file, params.read_only).map_err(|e| match e.raw_os_error() {
             Some(libc::EWOULDBLOCK) => BackingError::Locked(path.into()),
             _ => query(e),
@@ -187,7 +228,13 @@ impl Backing {
             native_logical_block,
             physical_block,
             identity,
+            dio_align,
         })
+    }
+
+    /// What O_DIRECT transfers on this backing must be aligned to.
+    pub fn dio_align(&self) -> DioAlign {
+        self.dio_align
     }
 
     /// The path it was opened from.

@@ -12,8 +12,10 @@ use std::sync::Arc;
 
 use crate::backing::Backing;
 
+pub mod bounce;
 pub mod threads;
 
+pub use bounce::BounceAdapter;
 pub use threads::ThreadPoolEngine;
 
 /// The engines vublk has.
@@ -54,8 +56,23 @@ pub struct EngineParams {
     pub io_threads: usize,
 }
 
-/// Creates the engine of `kind` for one queue thread.
+/// Creates the engine of `kind` for one queue thread. On an O_DIRECT backing the engine sits
+/// behind a [`BounceAdapter`], so misaligned guest buffers still work.
 pub fn create<T: Send + 'static>(
+    kind: EngineKind,
+    backing: Arc<Backing>,
+    params: EngineParams,
+) -> Result<Box<dyn IoEngine<T>>, EngineError> {
+    if backing.direct() {
+        let align = backing.dio_align();
+        let inner = create_unaligned::<bounce::Bounced<T>>(kind, backing, params)?;
+        Ok(Box::new(BounceAdapter::new(inner, align)))
+    } else {
+        create_unaligned(kind, backing, params)
+    }
+}
+
+fn create_unaligned<T: Send + 'static>(
     kind: EngineKind,
     backing: Arc<Backing>,
     params: EngineParams,
@@ -245,6 +262,14 @@ pub fn wait_readable(fd: RawFd, timeout_ms: i32) -> io::Result<bool> {
         0 => Ok(false),
         _ => Ok(true),
     }
+}
+
+/// A temporary directory on a file system with O_DIRECT (a tmpfs /tmp has none).
+#[cfg(test)]
+pub(crate) fn direct_io_tempdir() -> tempfile::TempDir {
+    let base = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("target/test-tmp");
+    std::fs::create_dir_all(&base).unwrap();
+    tempfile::tempdir_in(base).unwrap()
 }
 
 #[cfg(test)]
