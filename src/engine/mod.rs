@@ -12,6 +12,7 @@ use std::sync::Arc;
 
 use crate::backing::Backing;
 
+pub mod aio_abi;
 pub mod threads;
 
 pub use threads::ThreadPoolEngine;
