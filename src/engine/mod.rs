@@ -12,9 +12,11 @@ use std::sync::Arc;
 
 use crate::backing::Backing;
 
+pub mod aio;
 pub mod aio_abi;
 pub mod threads;
 
+pub use aio::{LinuxAioEngine, probe_linux_aio};
 pub use threads::ThreadPoolEngine;
 
 /// The engines vublk has.
@@ -67,6 +69,7 @@ pub fn create<T: Send + 'static>(
             params.io_threads,
             params.queue_depth,
         )?)),
+        EngineKind::LinuxAio => Ok(Box::new(LinuxAioEngine::new(backing, params)?)),
         other => Err(EngineError::Unavailable(
             other,
             "not built into this version".into(),
