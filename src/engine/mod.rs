@@ -12,9 +12,12 @@ use std::sync::Arc;
 
 use crate::backing::Backing;
 
+pub mod aio;
+pub mod aio_abi;
 pub mod bounce;
 pub mod threads;
 
+pub use aio::{LinuxAioEngine, probe_linux_aio};
 pub use bounce::BounceAdapter;
 pub use threads::ThreadPoolEngine;
 
@@ -83,6 +86,7 @@ fn create_unaligned<T: Send + 'static>(
             params.io_threads,
             params.queue_depth,
         )?)),
+        EngineKind::LinuxAio => Ok(Box::new(LinuxAioEngine::new(backing, params)?)),
         other => Err(EngineError::Unavailable(
             other,
             "not built into this version".into(),

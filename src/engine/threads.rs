@@ -78,7 +78,29 @@ pub struct ThreadPoolEngine<T: Send + 'static> {
 impl<T: Send + 'static> ThreadPoolEngine<T> {
     /// A pool of at most `max_threads` threads accepting up to `capacity` operations at once.
     pub fn new(backing: Arc<Backing>, max_threads: usize, capacity: usize) -> io::Result<Self> {
-        Ok(ThreadPoolEngine {
+        let notifier = EventFd::new(EFD_NONBLOCK | EFD_CLOEXEC)?;
+        Ok(Self::with_notifier(
+            backing,
+            max_threads,
+            capacity,
+            notifier,
+        ))
+    }
+
+    /// Like [`ThreadPoolEngine::new`], but signals completions on `notifier`, an eventfd
+    /// shared with another engine (for example a duplicate of that engine's completion fd).
+    ///
+    /// [`reap`](IoEngine::reap) resets `notifier` before it takes the finished operations, so
+    /// an engine sharing it must call `reap` first and collect its own completions afterwards:
+    /// whatever finishes after the reset keeps the eventfd readable. `notifier` should be
+    /// non-blocking.
+    pub fn with_notifier(
+        backing: Arc<Backing>,
+        max_threads: usize,
+        capacity: usize,
+        notifier: EventFd,
+    ) -> Self {
+        ThreadPoolEngine {
             shared: Arc::new(PoolShared {
                 backing,
                 state: Mutex::new(PoolState {
@@ -88,13 +110,13 @@ impl<T: Send + 'static> ThreadPoolEngine<T> {
                 }),
                 work_ready: Condvar::new(),
                 done: Mutex::new(Vec::new()),
-                notifier: EventFd::new(EFD_NONBLOCK | EFD_CLOEXEC)?,
+                notifier,
             }),
             threads: Vec::new(),
             max_threads: max_threads.max(1),
             capacity,
             in_flight: 0,
-        })
+        }
     }
 
     fn spawn_thread(&mut self) -> io::Result<()> {
@@ -297,6 +319,17 @@ mod tests {
         assert!(matches!(rejected.error, EngineError::Full));
         assert_eq!(reap_all(&mut engine).len(), 2);
         assert_eq!(engine.free_slots(), 2);
+    }
+
+    #[test]
+    fn signals_a_shared_notifier() {
+        let dir = tempfile::tempdir().unwrap();
+        let shared = EventFd::new(EFD_NONBLOCK | EFD_CLOEXEC).unwrap();
+        let mut engine =
+            ThreadPoolEngine::with_notifier(backing(&dir), 1, 4, shared.try_clone().unwrap());
+        engine.submit(IoOp::Flush, 1).unwrap();
+        assert!(wait_readable(shared.as_raw_fd(), 5000).unwrap());
+        assert_eq!(reap_all(&mut engine)[0].token, 1);
     }
 
     #[test]
