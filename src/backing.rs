@@ -75,7 +75,8 @@ pub enum BackingError {
 }
 
 /// What kind of object the backing is.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "kebab-case")]
 pub enum BackingKind {
     /// A regular file holding a raw image.
     File,
@@ -116,16 +117,7 @@ impl Backing {
     /// Opens `path`, creating a preallocated image first when asked to.
     pub fn open(path: &Path, params: &OpenParams) -> Result<Self, BackingError> {
         if let Some(size) = params.create_size {
-            match std::fs::symlink_metadata(path) {
-                Err(e) if e.kind() == io::ErrorKind::NotFound => create_image(path, size)?,
-                Err(source) => {
-                    return Err(BackingError::Open {
-                        path: path.into(),
-                        source,
-                    });
-                }
-                Ok(_) => {}
-            }
+            create_image_if_missing(path, size)?;
         }
         let file = OpenOptions::new()
             .read(true)
@@ -381,6 +373,20 @@ fn is_unsupported(e: &io::Error) -> bool {
     )
 }
 
+/// Creates a fully allocated image of `size` bytes when nothing exists at `path`; returns
+/// whether it did. An existing path is left alone, whatever its size: [`Backing::open`] with
+/// `create_size` refuses a size mismatch, it never resizes.
+pub fn create_image_if_missing(path: &Path, size: u64) -> Result<bool, BackingError> {
+    match std::fs::symlink_metadata(path) {
+        Err(e) if e.kind() == io::ErrorKind::NotFound => create_image(path, size).map(|()| true),
+        Err(source) => Err(BackingError::Open {
+            path: path.into(),
+            source,
+        }),
+        Ok(_) => Ok(false),
+    }
+}
+
 /// Creates a fully allocated image of `size` bytes; a partly created file is removed again.
 fn create_image(path: &Path, size: u64) -> Result<(), BackingError> {
     let err = |source| BackingError::Create {
@@ -435,7 +441,8 @@ fn lock(file: &File, shared: bool) -> io::Result<()> {
     }
 }
 
-fn block_device_size(file: &File) -> io::Result<u64> {
+/// Size in bytes of a block device (BLKGETSIZE64).
+pub(crate) fn block_device_size(file: &File) -> io::Result<u64> {
     let mut size = 0u64;
     // SAFETY: BLKGETSIZE64 writes one u64 through the pointer, which points to `size`.
     let ret = unsafe { libc::ioctl(file.as_raw_fd(), BLKGETSIZE64(), &mut size) };
@@ -446,7 +453,8 @@ fn block_device_size(file: &File) -> io::Result<u64> {
     }
 }
 
-fn block_device_block_sizes(file: &File) -> io::Result<(u32, u32)> {
+/// Logical and physical block size of a block device (BLKSSZGET, BLKPBSZGET).
+pub(crate) fn block_device_block_sizes(file: &File) -> io::Result<(u32, u32)> {
     let mut logical: libc::c_int = 0;
     let mut physical: libc::c_uint = 0;
     // SAFETY: BLKSSZGET writes one int through the pointer, which points to `logical`.
@@ -497,6 +505,17 @@ mod tests {
             "{err}"
         );
         assert_eq!(std::fs::metadata(&path).unwrap().len(), 4 << 20);
+    }
+
+    #[test]
+    fn create_if_missing_creates_once_and_leaves_existing_images_alone() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("disk.img");
+        assert!(create_image_if_missing(&path, 1 << 20).unwrap());
+        assert_eq!(std::fs::metadata(&path).unwrap().len(), 1 << 20);
+        std::fs::write(&path, b"keep").unwrap();
+        assert!(!create_image_if_missing(&path, 2 << 20).unwrap());
+        assert_eq!(std::fs::read(&path).unwrap(), b"keep");
     }
 
     #[test]
