@@ -23,6 +23,8 @@ ioctl_io_nr!(BLKDISCARD, 0x12, 119);
 const IOV_MAX: usize = 1024;
 /// Chunk size of the zero-writing fallback for write-zeroes.
 const ZERO_CHUNK: usize = 1 << 20;
+/// Largest bounce buffer of an O_DIRECT transfer; longer transfers take turns.
+const BOUNCE_CHUNK: usize = 1 << 20;
 
 /// Errors opening or creating a backing.
 #[derive(Debug, thiserror::Error)]
@@ -109,6 +111,8 @@ pub struct Backing {
     native_logical_block: u32,
     /// Physical (or preferred I/O) block size.
     physical_block: u32,
+    /// O_DIRECT (memory, length) alignment of every buffer; (1, 1) without O_DIRECT.
+    dio_align: (usize, usize),
     /// Stable identity (device and inode, or device number) for the default serial.
     identity: (u64, u64),
 }
@@ -165,6 +169,17 @@ impl Backing {
                 requested,
             });
         }
+        let dio_align = if params.direct {
+            // Without a statx answer: the device's sector, or for files the file system block.
+            let fallback = match kind {
+                BackingKind::File => physical_block,
+                BackingKind::BlockDevice => native_logical_block,
+            };
+            let (mem, len) = crate::probe::dio_alignment(&file).unwrap_or((fallback, fallback));
+            (mem as usize, len.max(1) as usize)
+        } else {
+            (1, 1)
+        };
         lock(&file, params.read_only).map_err(|e| match e.raw_os_error() {
             Some(libc::EWOULDBLOCK) => BackingError::Locked(path.into()),
             _ => query(e),
@@ -178,6 +193,7 @@ impl Backing {
             direct: params.direct,
             native_logical_block,
             physical_block,
+            dio_align,
             identity,
         })
     }
@@ -207,6 +223,21 @@ impl Backing {
         self.direct
     }
 
+    /// Under O_DIRECT, the (memory, length) alignment every buffer needs; (1, 1) without.
+    pub fn direct_alignment(&self) -> (usize, usize) {
+        self.dio_align
+    }
+
+    /// Whether `iovs` break the O_DIRECT alignment rules (guest buffers may lie anywhere), so
+    /// a transfer must go through an aligned bounce buffer.
+    pub fn needs_bounce(&self, iovs: &[IoVec]) -> bool {
+        let (mem, len) = self.dio_align;
+        (mem > 1 || len > 1)
+            && iovs
+                .iter()
+                .any(|v| !(v.as_ptr() as usize).is_multiple_of(mem) || !v.len().is_multiple_of(len))
+    }
+
     /// The open file, for engines that submit to the kernel themselves.
     pub fn file(&self) -> &File {
         &self.file
@@ -230,6 +261,13 @@ impl Backing {
     /// Reads exactly the bytes `iovs` describe from `offset`. Short reads are continued; end of
     /// file before the buffers are full is an error.
     pub fn read_vectored_at(&self, iovs: &mut [IoVec], offset: u64) -> io::Result<()> {
+        if self.needs_bounce(iovs) {
+            return self.bounce(iovs, offset, None);
+        }
+        self.preadv_all(iovs, offset)
+    }
+
+    fn preadv_all(&self, iovs: &mut [IoVec], offset: u64) -> io::Result<()> {
         self.transfer(iovs, offset, |fd, iov, cnt, off| {
             // SAFETY: the iovecs describe memory the caller keeps valid and writable for the
             // duration of the call (the contract of `IoVec::new`); `cnt` is their number.
@@ -246,10 +284,49 @@ impl Backing {
         durable: bool,
     ) -> io::Result<()> {
         let flags = if durable { libc::RWF_DSYNC } else { 0 };
+        if self.needs_bounce(iovs) {
+            return self.bounce(iovs, offset, Some(flags));
+        }
+        self.pwritev_all(iovs, offset, flags)
+    }
+
+    fn pwritev_all(&self, iovs: &mut [IoVec], offset: u64, flags: libc::c_int) -> io::Result<()> {
         self.transfer(iovs, offset, |fd, iov, cnt, off| {
-            // SAFETY: as in `read_vectored_at`; the memory is only read.
+            // SAFETY: as in `preadv_all`; the memory is only read.
             unsafe { libc::pwritev2(fd, iov, cnt, off, flags) }
         })
+    }
+
+    /// Reads (`write_flags` None) or writes `iovs` through an aligned buffer, a chunk at a
+    /// time.
+    fn bounce(
+        &self,
+        iovs: &mut [IoVec],
+        offset: u64,
+        write_flags: Option<libc::c_int>,
+    ) -> io::Result<()> {
+        let total: usize = iovs.iter().map(IoVec::len).sum();
+        let mut storage = aligned_zeros(total.min(BOUNCE_CHUNK), self.dio_align.0);
+        let buf = storage.as_mut();
+        let mut done = 0;
+        while done < total {
+            let piece = &mut buf[..(total - done).min(BOUNCE_CHUNK)];
+            let at = offset + done as u64;
+            // SAFETY: `piece` is our own buffer and outlives the transfer below.
+            let mut one = [unsafe { IoVec::new(piece.as_mut_ptr(), piece.len()) }];
+            match write_flags {
+                None => {
+                    self.preadv_all(&mut one, at)?;
+                    copy_to_iovecs(iovs, done, piece);
+                }
+                Some(flags) => {
+                    copy_from_iovecs(iovs, done, piece);
+                    self.pwritev_all(&mut one, at, flags)?;
+                }
+            }
+            done += piece.len();
+        }
+        Ok(())
     }
 
     fn transfer(
@@ -338,7 +415,8 @@ impl Backing {
     }
 
     fn write_zero_buffers(&self, mut offset: u64, len: u64) -> io::Result<()> {
-        let zeros = vec![0u8; ZERO_CHUNK.min(len as usize)];
+        let storage = aligned_zeros(ZERO_CHUNK.min(len as usize), self.dio_align.0);
+        let zeros = storage.as_ref();
         let end = offset + len;
         while offset < end {
             let n = (end - offset).min(zeros.len() as u64) as usize;
@@ -363,6 +441,74 @@ impl Backing {
                 return Err(err);
             }
         }
+    }
+}
+
+/// `len` zero bytes starting at a multiple of `align`.
+struct AlignedZeros {
+    storage: Vec<u8>,
+    start: usize,
+    len: usize,
+}
+
+impl AsRef<[u8]> for AlignedZeros {
+    fn as_ref(&self) -> &[u8] {
+        &self.storage[self.start..self.start + self.len]
+    }
+}
+
+impl AsMut<[u8]> for AlignedZeros {
+    fn as_mut(&mut self) -> &mut [u8] {
+        &mut self.storage[self.start..self.start + self.len]
+    }
+}
+
+fn aligned_zeros(len: usize, align: usize) -> AlignedZeros {
+    let align = align.max(1);
+    let storage = vec![0u8; len + align];
+    let start = storage.as_ptr().align_offset(align);
+    AlignedZeros {
+        storage,
+        start,
+        len,
+    }
+}
+
+/// Copies `data` into the bytes of `iovs` that begin `skip` bytes into them.
+fn copy_to_iovecs(iovs: &[IoVec], mut skip: usize, mut data: &[u8]) {
+    for v in iovs {
+        if data.is_empty() {
+            break;
+        }
+        if skip >= v.len() {
+            skip -= v.len();
+            continue;
+        }
+        let n = (v.len() - skip).min(data.len());
+        // SAFETY: by the contract of `IoVec::new` the range is valid and writable for the
+        // operation, and `skip + n` stays inside it; `data` is our own buffer, so they do not
+        // overlap.
+        unsafe { std::ptr::copy_nonoverlapping(data.as_ptr(), v.as_ptr().add(skip), n) };
+        data = &data[n..];
+        skip = 0;
+    }
+}
+
+/// Fills `out` from the bytes of `iovs` that begin `skip` bytes into them.
+fn copy_from_iovecs(iovs: &[IoVec], mut skip: usize, mut out: &mut [u8]) {
+    for v in iovs {
+        if out.is_empty() {
+            break;
+        }
+        if skip >= v.len() {
+            skip -= v.len();
+            continue;
+        }
+        let n = (v.len() - skip).min(out.len());
+        // SAFETY: as in `copy_to_iovecs`, with the guest range only read.
+        unsafe { std::ptr::copy_nonoverlapping(v.as_ptr().add(skip), out.as_mut_ptr(), n) };
+        out = &mut out[n..];
+        skip = 0;
     }
 }
 
@@ -516,6 +662,62 @@ mod tests {
         std::fs::write(&path, b"keep").unwrap();
         assert!(!create_image_if_missing(&path, 2 << 20).unwrap());
         assert_eq!(std::fs::read(&path).unwrap(), b"keep");
+    }
+
+    #[test]
+    fn o_direct_bounces_misaligned_buffers() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("disk.img");
+        create_image_if_missing(&path, 1 << 20).unwrap();
+        let b = Backing::open(
+            &path,
+            &OpenParams {
+                direct: true,
+                ..Default::default()
+            },
+        )
+        .unwrap_or_else(|e| panic!("this test needs O_DIRECT in the temporary directory: {e}"));
+        let (mem, len) = b.direct_alignment();
+        assert!(
+            mem >= 1 && len >= 512 && len.is_power_of_two(),
+            "{mem} {len}"
+        );
+        // A 4 KiB write split 100 + 3996 bytes, starting one byte into a buffer.
+        let data: Vec<u8> = (0..4096u32).map(|i| (i * 7 % 251) as u8).collect();
+        let mut src = vec![0u8; 4097];
+        src[1..].copy_from_slice(&data);
+        let (a, c) = src[1..].split_at_mut(100);
+        let mut iovs = [iov(a), iov(c)];
+        assert!(b.needs_bounce(&iovs));
+        b.write_vectored_at(&mut iovs, 8192, false).unwrap();
+        let mut back = vec![0u8; 4099];
+        let (x, y) = back[3..].split_at_mut(1000);
+        b.read_vectored_at(&mut [iov(x), iov(y)], 8192).unwrap();
+        assert!(back[3..] == data[..]);
+        let plain = std::fs::read(&path).unwrap();
+        assert!(plain[8192..12288] == data[..]);
+        // Larger than one bounce chunk, through one misaligned buffer.
+        let big: Vec<u8> = (0..(BOUNCE_CHUNK + 8192))
+            .map(|i| (i % 253) as u8)
+            .collect();
+        let mut src = vec![0u8; big.len() + 1];
+        src[1..].copy_from_slice(&big);
+        b.write_vectored_at(&mut [iov(&mut src[1..])], 0, true)
+            .unwrap();
+        let mut back = vec![0u8; big.len() + 5];
+        b.read_vectored_at(&mut [iov(&mut back[5..])], 0).unwrap();
+        assert!(back[5..] == big[..]);
+        b.write_zero_buffers(0, 4096).unwrap();
+        assert!(
+            std::fs::read(&path).unwrap()[..4096]
+                .iter()
+                .all(|&z| z == 0)
+        );
+        // Without O_DIRECT nothing bounces.
+        drop(b);
+        let b = Backing::open(&path, &OpenParams::default()).unwrap();
+        assert_eq!(b.direct_alignment(), (1, 1));
+        assert!(!b.needs_bounce(&[iov(&mut src[1..101])]));
     }
 
     #[test]

@@ -598,6 +598,14 @@ fn statx_dio(file: &File) -> StatxDio {
     }
 }
 
+/// (memory, offset) alignment of O_DIRECT transfers on `file`, when the kernel reports it.
+pub(crate) fn dio_alignment(file: &File) -> Option<(u32, u32)> {
+    match statx_dio(file) {
+        StatxDio::Aligned(mem, offset) => Some((mem.max(1), offset)),
+        StatxDio::NotReported | StatxDio::Unsupported => None,
+    }
+}
+
 /// Tries an O_DIRECT open (read-only, so nothing can change) and asks statx for alignment.
 fn probe_direct_io(
     path: &Path,
