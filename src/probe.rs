@@ -66,8 +66,9 @@ pub struct ProbeReport {
     pub allocation: Option<Allocation>,
     /// Whether O_DIRECT works, and its alignment.
     pub direct_io: DirectIo,
-    /// Devices: the logical sector size. Files: the O_DIRECT offset alignment (the fallback
-    /// when the kernel does not report it: see [`DirectIo::alignment_source`]).
+    /// Devices: the logical sector size. Files: the O_DIRECT offset alignment (a fallback
+    /// when the kernel does not report it: see [`DirectIo::alignment_source`]), 512 without
+    /// O_DIRECT.
     pub logical_block_size: u32,
     /// Devices: the physical sector size. Files: the file system's preferred I/O size.
     pub physical_block_size: u32,
@@ -280,7 +281,11 @@ fn probe_file(path: &Path, file: &File, meta: &std::fs::Metadata) -> io::Result<
         size,
         device: None,
         allocation: Some(measure_allocation(file, size, meta)),
-        logical_block_size: direct_io.offset_align.max(1),
+        logical_block_size: if direct_io.supported {
+            direct_io.offset_align.max(1)
+        } else {
+            512
+        },
         physical_block_size: blksize.clamp(512, 65536).next_power_of_two(),
         file_system: Some(fs),
         direct_io,
@@ -894,6 +899,7 @@ mod tests {
         assert_eq!(fs.name, "tmpfs");
         assert_eq!(fs.class, FsClass::Memory);
         assert!(!r.direct_io.supported, "{r:#?}");
+        assert_eq!(r.logical_block_size, 512);
         assert!(
             r.direct_io
                 .reason

@@ -223,15 +223,23 @@ impl Probe {
         }
     }
 
-    /// The file system must be a disk one for a test that is about disk files.
+    /// The file system must be a disk one that writes in place, such as ext4 or xfs, for a
+    /// test that is about files on disk.
     #[track_caller]
     fn assert_disk_file_system(&self) {
         let fs = &self.probe()["file_system"];
         assert!(
-            fs["class"] == "local" || fs["class"] == "network",
-            "CARGO_TARGET_TMPDIR ({}) is on {}, not a disk file system; this test needs one",
+            (fs["class"] == "local" || fs["class"] == "network") && fs["copy_on_write"] == false,
+            "CARGO_TARGET_TMPDIR ({}) is on {} ({}{}); this test needs a disk file system \
+             that writes in place, such as ext4 or xfs",
             env!("CARGO_TARGET_TMPDIR"),
-            fs["name"]
+            fs["name"],
+            fs["class"],
+            if fs["copy_on_write"] == true {
+                ", copy-on-write"
+            } else {
+                ""
+            }
         );
     }
 }
