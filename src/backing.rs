@@ -75,7 +75,8 @@ pub enum BackingError {
 }
 
 /// What kind of object the backing is.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "kebab-case")]
 pub enum BackingKind {
     /// A regular file holding a raw image.
     File,
@@ -123,46 +124,11 @@ pub struct DioAlign {
     pub offset: u32,
 }
 
-/// STATX_DIOALIGN (Linux 6.1); libc does not export it for Linux yet.
-const STATX_DIOALIGN: u32 = 0x2000;
-
-/// The O_DIRECT alignment the kernel reports for `file`, if it reports one.
-pub fn dio_alignment(file: &File) -> Option<DioAlign> {
-    // SAFETY: an all-zero statx is a valid value for the kernel to overwrite.
-    let mut stx: libc::statx = unsafe { std::mem::zeroed() };
-    // SAFETY: the path is an empty C string (AT_EMPTY_PATH: the fd itself is queried) and
-    // `stx` is a valid, writable statx buffer for the duration of the call.
-    let ret = unsafe {
-        libc::statx(
-            file.as_raw_fd(),
-            c"".as_ptr(),
-            libc::AT_EMPTY_PATH,
-            STATX_DIOALIGN,
-            &mut stx,
-        )
-    };
-    (ret == 0 && stx.stx_mask & STATX_DIOALIGN != 0 && stx.stx_dio_mem_align != 0).then_some(
-        DioAlign {
-            mem: stx.stx_dio_mem_align,
-            offset: stx.stx_dio_offset_align,
-        },
-    )
-}
-
 impl Backing {
     /// Opens `path`, creating a preallocated image first when asked to.
     pub fn open(path: &Path, params: &OpenParams) -> Result<Self, BackingError> {
         if let Some(size) = params.create_size {
-            match std::fs::symlink_metadata(path) {
-                Err(e) if e.kind() == io::ErrorKind::NotFound => create_image(path, size)?,
-                Err(source) => {
-                    return Err(BackingError::Open {
-                        path: path.into(),
-                        source,
-                    });
-                }
-                Ok(_) => {}
-            }
+            create_image_if_missing(path, size)?;
         }
         let file = OpenOptions::new()
             .read(true)
@@ -210,10 +176,16 @@ impl Backing {
                 requested,
             });
         }
-        let dio_align = dio_alignment(&file).unwrap_or(DioAlign {
-            mem: 512,
-            offset: native_logical_block,
-        });
+        // Without a statx answer: the device's sector, or for files the file system block.
+        let fallback = match kind {
+            BackingKind::File => physical_block,
+            BackingKind::BlockDevice => native_logical_block,
+        };
+        let (mem, offset) = crate::probe::dio_alignment(&file).unwrap_or((fallback, fallback));
+        let dio_align = DioAlign {
+            mem,
+            offset: offset.max(1),
+        };
         lock(&file, params.read_only).map_err(|e| match e.raw_os_error() {
             Some(libc::EWOULDBLOCK) => BackingError::Locked(path.into()),
             _ => query(e),
@@ -393,7 +365,8 @@ impl Backing {
     }
 
     fn write_zero_buffers(&self, mut offset: u64, len: u64) -> io::Result<()> {
-        let zeros = vec![0u8; ZERO_CHUNK.min(len as usize)];
+        let storage = aligned_zeros(ZERO_CHUNK.min(len as usize), self.dio_align.mem as usize);
+        let zeros = storage.as_ref();
         let end = offset + len;
         while offset < end {
             let n = (end - offset).min(zeros.len() as u64) as usize;
@@ -421,11 +394,55 @@ impl Backing {
     }
 }
 
+/// `len` zero bytes starting at a multiple of `align`.
+struct AlignedZeros {
+    storage: Vec<u8>,
+    start: usize,
+    len: usize,
+}
+
+impl AsRef<[u8]> for AlignedZeros {
+    fn as_ref(&self) -> &[u8] {
+        &self.storage[self.start..self.start + self.len]
+    }
+}
+
+impl AsMut<[u8]> for AlignedZeros {
+    fn as_mut(&mut self) -> &mut [u8] {
+        &mut self.storage[self.start..self.start + self.len]
+    }
+}
+
+fn aligned_zeros(len: usize, align: usize) -> AlignedZeros {
+    let align = align.max(1);
+    let storage = vec![0u8; len + align];
+    let start = storage.as_ptr().align_offset(align);
+    AlignedZeros {
+        storage,
+        start,
+        len,
+    }
+}
+
 fn is_unsupported(e: &io::Error) -> bool {
     matches!(
         e.raw_os_error(),
         Some(libc::EOPNOTSUPP) | Some(libc::ENOSYS)
     )
+}
+
+/// Creates a fully allocated image of `size` bytes when nothing exists at `path`; returns
+/// whether it did. An existing path is left alone, whatever its size: [`Backing::open`] with
+/// `create_size` refuses a size mismatch, it never resizes.
+pub fn create_image_if_missing(path: &Path, size: u64) -> Result<bool, BackingError> {
+    match std::fs::symlink_metadata(path) {
+        Err(e) if e.kind() == io::ErrorKind::NotFound => create_image(path, size).map(|()| true),
+        Err(source) => Err(BackingError::Open {
+            path: path.into(),
+            source,
+        }),
+        Ok(_) => Ok(false),
+    }
 }
 
 /// Creates a fully allocated image of `size` bytes; a partly created file is removed again.
@@ -482,7 +499,8 @@ fn lock(file: &File, shared: bool) -> io::Result<()> {
     }
 }
 
-fn block_device_size(file: &File) -> io::Result<u64> {
+/// Size in bytes of a block device (BLKGETSIZE64).
+pub(crate) fn block_device_size(file: &File) -> io::Result<u64> {
     let mut size = 0u64;
     // SAFETY: BLKGETSIZE64 writes one u64 through the pointer, which points to `size`.
     let ret = unsafe { libc::ioctl(file.as_raw_fd(), BLKGETSIZE64(), &mut size) };
@@ -493,7 +511,8 @@ fn block_device_size(file: &File) -> io::Result<u64> {
     }
 }
 
-fn block_device_block_sizes(file: &File) -> io::Result<(u32, u32)> {
+/// Logical and physical block size of a block device (BLKSSZGET, BLKPBSZGET).
+pub(crate) fn block_device_block_sizes(file: &File) -> io::Result<(u32, u32)> {
     let mut logical: libc::c_int = 0;
     let mut physical: libc::c_uint = 0;
     // SAFETY: BLKSSZGET writes one int through the pointer, which points to `logical`.
@@ -544,6 +563,17 @@ mod tests {
             "{err}"
         );
         assert_eq!(std::fs::metadata(&path).unwrap().len(), 4 << 20);
+    }
+
+    #[test]
+    fn create_if_missing_creates_once_and_leaves_existing_images_alone() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("disk.img");
+        assert!(create_image_if_missing(&path, 1 << 20).unwrap());
+        assert_eq!(std::fs::metadata(&path).unwrap().len(), 1 << 20);
+        std::fs::write(&path, b"keep").unwrap();
+        assert!(!create_image_if_missing(&path, 2 << 20).unwrap());
+        assert_eq!(std::fs::read(&path).unwrap(), b"keep");
     }
 
     #[test]

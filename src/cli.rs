@@ -6,8 +6,11 @@ use std::sync::Arc;
 use anyhow::{Context, Result};
 use clap::{Parser, Subcommand, ValueEnum};
 
-use vublk::engine::EngineKind;
+use vublk::backing;
+use vublk::caps::KernelCaps;
 use vublk::export::{Export, ExportConfig};
+use vublk::policy::{self, Choice, DirectRequest, EngineRequest, Refusal, Request};
+use vublk::probe::{self, ProbeReport};
 use vublk::server::{self, SocketConfig};
 
 /// Size of the image the built-in default creates.
@@ -28,6 +31,38 @@ pub enum Command {
     /// Without --file and --socket it serves a built-in default: a directory (--data-dir)
     /// holding a 1 GiB image and the socket, and prints the QEMU arguments that attach it.
     Serve(ServeArgs),
+    /// Show what a backing is and which I/O engine vublk would use for it, and why.
+    ///
+    /// Nothing is served and the backing is not modified. Exits non-zero when the requested
+    /// engine or O_DIRECT mode cannot work there.
+    Probe(ProbeArgs),
+}
+
+/// How the I/O engine is chosen.
+#[derive(Debug, Clone, Copy, clap::Args)]
+pub struct EngineArgs {
+    /// I/O engine; auto picks one from what the backing is (see `vublk probe`).
+    #[arg(long, value_enum, default_value_t = EngineRequest::Auto)]
+    pub engine: EngineRequest,
+    /// Open the backing with O_DIRECT (bypassing the page cache); auto decides from the
+    /// backing.
+    #[arg(long, value_enum, default_value_t = DirectRequest::Auto)]
+    pub direct: DirectRequest,
+}
+
+#[derive(Debug, clap::Args)]
+pub struct ProbeArgs {
+    /// Image file or block device to examine (it is not modified).
+    #[arg(value_name = "PATH")]
+    pub path: PathBuf,
+    /// Print one JSON object with the keys "probe", "kernel" and "choice" (or "error").
+    #[arg(long)]
+    pub json: bool,
+    #[command(flatten)]
+    pub choice: EngineArgs,
+    /// Logical block size the export would have [default: the backing's, 512 for files].
+    #[arg(long, value_parser = parse_block_size)]
+    pub logical_block_size: Option<u32>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -74,9 +109,11 @@ pub struct ServeArgs {
     /// Group owner of the socket (name or number), e.g. the group QEMU runs as.
     #[arg(long)]
     pub socket_group: Option<String>,
-    /// Most I/O threads per queue.
+    /// Most I/O threads per queue (thread-pool engine).
     #[arg(long, default_value_t = 16, value_parser = clap::value_parser!(u16).range(1..=256))]
     pub io_threads: u16,
+    #[command(flatten)]
+    pub choice: EngineArgs,
     /// Directory for the built-in default's image and socket.
     #[arg(long, default_value = "vublk-data")]
     pub data_dir: PathBuf,
@@ -131,7 +168,81 @@ fn parse_mode(s: &str) -> Result<u32, String> {
 pub fn run(cli: Cli) -> Result<()> {
     match cli.command {
         Command::Serve(args) => serve(args),
+        Command::Probe(args) => probe_cmd(&args),
     }
+}
+
+/// What the probe found, what the kernel allows, and the policy's verdict.
+struct Decision {
+    report: ProbeReport,
+    kernel: KernelCaps,
+    logical_block_size: u32,
+    choice: Result<Choice, Refusal>,
+}
+
+fn decide(path: &Path, args: EngineArgs, logical_block_size: Option<u32>) -> Result<Decision> {
+    let report = probe::probe(path)?;
+    let kernel = KernelCaps::detect();
+    let logical_block_size =
+        logical_block_size.unwrap_or_else(|| report.default_export_block_size());
+    let choice = policy::choose(
+        &report,
+        &kernel,
+        &Request {
+            engine: args.engine,
+            direct: args.direct,
+            logical_block_size,
+        },
+    );
+    Ok(Decision {
+        report,
+        kernel,
+        logical_block_size,
+        choice,
+    })
+}
+
+fn probe_cmd(args: &ProbeArgs) -> Result<()> {
+    let d = match decide(&args.path, args.choice, args.logical_block_size) {
+        Ok(d) => d,
+        Err(e) if args.json => {
+            println!("{}", serde_json::json!({ "error": format!("{e:#}") }));
+            return Err(e);
+        }
+        Err(e) => return Err(e),
+    };
+    if args.json {
+        let mut out = serde_json::json!({
+            "probe": d.report,
+            "kernel": d.kernel,
+            "logical_block_size": d.logical_block_size,
+        });
+        match &d.choice {
+            Ok(c) => out["choice"] = serde_json::json!(c),
+            Err(e) => out["error"] = serde_json::json!(e.to_string()),
+        }
+        println!("{out}");
+    } else {
+        println!("{}\n{}", d.report, d.kernel);
+        match &d.choice {
+            Ok(c) => {
+                println!(
+                    "choice for {}-byte blocks: engine {}, O_DIRECT {}",
+                    d.logical_block_size,
+                    c.engine,
+                    if c.direct { "on" } else { "off" }
+                );
+                for r in &c.reasons {
+                    println!("  - {r}");
+                }
+            }
+            Err(e) => println!(
+                "choice for {}-byte blocks: refused: {e}",
+                d.logical_block_size
+            ),
+        }
+    }
+    d.choice.map(drop).map_err(Into::into)
 }
 
 fn serve(args: ServeArgs) -> Result<()> {
@@ -153,6 +264,24 @@ fn serve(args: ServeArgs) -> Result<()> {
         .socket
         .clone()
         .unwrap_or_else(|| args.data_dir.join("vublk.sock"));
+    // The engine is chosen from what the image is, so it must exist first.
+    if let Some(size) = create_size {
+        backing::create_image_if_missing(&path, size)?;
+    }
+    let decision = decide(&path, args.choice, args.logical_block_size)?;
+    if !args.read_only && !decision.report.writable {
+        anyhow::bail!(
+            "{} is not writable ({}); serve it with --read-only",
+            path.display(),
+            if decision.report.read_only_media {
+                "read-only media"
+            } else {
+                "permission denied"
+            }
+        );
+    }
+    let choice = decision.choice?;
+    log::info!("{}: {choice}", path.display());
     let export = Export::open(&ExportConfig {
         path: path.clone(),
         create_size,
@@ -163,8 +292,8 @@ fn serve(args: ServeArgs) -> Result<()> {
         logical_block_size: args.logical_block_size,
         writeback: args.write_cache == WriteCacheMode::Writeback,
         io_threads: usize::from(args.io_threads),
-        engine: EngineKind::Threads,
-        direct: false,
+        engine: choice.engine,
+        direct: choice.direct,
     })?;
     let listener = server::bind_socket(&SocketConfig {
         path: socket.clone(),
@@ -257,10 +386,46 @@ mod tests {
             "--read-only",
         ])
         .unwrap();
-        let Command::Serve(a) = cli.command;
+        let Command::Serve(a) = cli.command else {
+            panic!("not serve")
+        };
         assert_eq!(a.queues, 4);
         assert!(a.read_only);
+        assert_eq!(a.choice.engine, EngineRequest::Auto);
+        assert_eq!(a.choice.direct, DirectRequest::Auto);
         assert!(Cli::try_parse_from(["vublk", "serve", "--queues", "0"]).is_err());
+    }
+
+    #[test]
+    fn engine_and_direct_options() {
+        let cli =
+            Cli::try_parse_from(["vublk", "serve", "--engine", "linux-aio", "--direct", "on"])
+                .unwrap();
+        let Command::Serve(a) = cli.command else {
+            panic!("not serve")
+        };
+        assert_eq!(a.choice.engine, EngineRequest::LinuxAio);
+        assert_eq!(a.choice.direct, DirectRequest::On);
+        let cli = Cli::try_parse_from([
+            "vublk",
+            "probe",
+            "/dev/x",
+            "--json",
+            "--engine",
+            "io-uring",
+            "--logical-block-size",
+            "4096",
+        ])
+        .unwrap();
+        let Command::Probe(a) = cli.command else {
+            panic!("not probe")
+        };
+        assert!(a.json);
+        assert_eq!(a.choice.engine, EngineRequest::IoUring);
+        assert_eq!(a.logical_block_size, Some(4096));
+        assert!(Cli::try_parse_from(["vublk", "serve", "--engine", "aio"]).is_err());
+        assert!(Cli::try_parse_from(["vublk", "serve", "--direct", "yes"]).is_err());
+        assert!(Cli::try_parse_from(["vublk", "probe"]).is_err());
     }
 
     #[test]

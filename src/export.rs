@@ -5,7 +5,7 @@ use std::sync::Arc;
 
 use crate::backing::{Backing, BackingError, OpenParams};
 use crate::blk::{DiskGeometry, SECTOR_SIZE, WriteCache, default_serial, serial_bytes};
-use crate::engine::EngineKind;
+use crate::engine::{self, EngineError, EngineKind, EngineParams};
 
 /// What the operator asked for.
 #[derive(Debug, Clone)]
@@ -28,7 +28,7 @@ pub struct ExportConfig {
     pub writeback: bool,
     /// Most I/O threads per queue for the thread-pool engine.
     pub io_threads: usize,
-    /// The engine every queue uses.
+    /// The engine every queue uses (see [`crate::policy`]).
     pub engine: EngineKind,
     /// Open the backing with O_DIRECT.
     pub direct: bool,
@@ -63,6 +63,9 @@ pub enum ExportError {
         /// Logical block size.
         block: u32,
     },
+    /// The engine cannot run with this backing on this kernel.
+    #[error(transparent)]
+    Engine(#[from] EngineError),
     /// The serial is too long or has characters a guest cannot show.
     #[error("serial {0:?} must be at most 20 printable ASCII characters")]
     Serial(String),
@@ -134,6 +137,16 @@ impl Export {
             .clone()
             .unwrap_or_else(|| default_serial(backing.identity()));
         let serial = serial_bytes(&serial_text).ok_or(ExportError::Serial(serial_text))?;
+        let backing = Arc::new(backing);
+        // Learn now, not at every connection, that the engine cannot run here.
+        engine::create::<()>(
+            cfg.engine,
+            backing.clone(),
+            EngineParams {
+                queue_depth: usize::from(cfg.queue_size),
+                io_threads: cfg.io_threads,
+            },
+        )?;
         let disk = DiskGeometry {
             capacity_sectors: usable / SECTOR_SIZE,
             logical_block_size: block,
@@ -144,7 +157,7 @@ impl Export {
             queue_size: cfg.queue_size,
         };
         Ok(Export {
-            backing: Arc::new(backing),
+            backing,
             disk,
             write_cache: WriteCache::new(cfg.writeback),
             io_threads: cfg.io_threads,

@@ -123,6 +123,11 @@ impl IoVec {
         self.0.iov_len
     }
 
+    /// Start of the range.
+    pub fn as_ptr(&self) -> *mut u8 {
+        self.0.iov_base.cast()
+    }
+
     /// Whether it is empty.
     pub fn is_empty(&self) -> bool {
         self.0.iov_len == 0
