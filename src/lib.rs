@@ -3,9 +3,11 @@
 //! Layers, from the guest inwards: [`server`] accepts vhost-user connections and handles
 //! signals; [`vhost_user`] is the thin glue that runs one worker per virtqueue; [`blk`] is the
 //! virtio-blk device model (parse, config space, status); [`engine`] moves data between guest
-//! buffers and the [`backing`] file or block device.
+//! buffers and the [`backing`] file or block device. [`bench`](mod@bench) is a VM-less load
+//! generator and data verifier for any vhost-user-blk backend.
 
 pub mod backing;
+pub mod bench;
 pub mod blk;
 pub mod engine;
 pub mod export;
