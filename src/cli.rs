@@ -1,12 +1,15 @@
 //! The command line: clap definitions and their translation into library configuration.
 
+use std::io::IsTerminal;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
+use std::time::Duration;
 
 use anyhow::{Context, Result};
 use clap::{Parser, Subcommand, ValueEnum};
 
 use vublk::backing;
+use vublk::bench::{self, RwMode, VerifyPhase};
 use vublk::caps::KernelCaps;
 use vublk::export::{Export, ExportConfig};
 use vublk::policy::{self, Choice, DirectRequest, EngineRequest, Refusal, Request};
@@ -36,6 +39,9 @@ pub enum Command {
     /// Nothing is served and the backing is not modified. Exits non-zero when the requested
     /// engine or O_DIRECT mode cannot work there.
     Probe(ProbeArgs),
+    /// Load-test or verify any vhost-user-blk backend (vublk, qemu-storage-daemon, ...)
+    /// without a VM: fio-like workloads through libblkio, results as one line or JSON.
+    Bench(BenchArgs),
 }
 
 /// How the I/O engine is chosen.
@@ -119,6 +125,108 @@ pub struct ServeArgs {
     pub data_dir: PathBuf,
 }
 
+/// Runs longer than this get a progress line when stderr is a terminal.
+const PROGRESS_MIN_RUN: Duration = Duration::from_secs(3);
+
+#[derive(Debug, clap::Args)]
+pub struct BenchArgs {
+    /// The backend's vhost-user socket.
+    #[arg(long, value_name = "PATH")]
+    pub socket: PathBuf,
+    /// I/O pattern.
+    #[arg(long, value_enum, default_value_t = RwMode::Randread)]
+    pub rw: RwMode,
+    /// Percentage of reads for --rw randrw.
+    #[arg(long, value_name = "PCT", default_value_t = 50,
+          value_parser = clap::value_parser!(u8).range(0..=100))]
+    pub rwmixread: u8,
+    /// Request size, a multiple of the device's logical block size (e.g. 4k, 128k).
+    #[arg(long, value_name = "SIZE", default_value = "4k", value_parser = bench::parse_bytes)]
+    pub bs: u64,
+    /// Requests in flight per queue.
+    #[arg(long, value_name = "N", default_value_t = 32,
+          value_parser = clap::value_parser!(u32).range(1..=65536))]
+    pub iodepth: u32,
+    /// Queues, each driven by its own thread.
+    #[arg(long, value_name = "N", default_value_t = 1,
+          value_parser = clap::value_parser!(u32).range(1..=256))]
+    pub queues: u32,
+    /// Virtqueue size (a power of two; at most what the backend accepts). A request takes
+    /// 2 + segments descriptors; requests beyond the ring wait inside libblkio.
+    #[arg(long, value_name = "N", default_value_t = 256, value_parser = parse_queue_size)]
+    pub queue_size: u16,
+    /// Measured time (seconds, or e.g. 500ms, 2m).
+    #[arg(long, value_name = "SECS", default_value = "10", value_parser = bench::parse_duration)]
+    pub runtime: Duration,
+    /// Time to run before measuring; excluded from the results.
+    #[arg(long, value_name = "SECS", default_value = "0", value_parser = bench::parse_duration)]
+    pub ramp: Duration,
+    /// Start of the region of the device to use (bytes, e.g. 1G).
+    #[arg(long, value_name = "SIZE", default_value = "0", value_parser = bench::parse_bytes)]
+    pub offset: u64,
+    /// Length of the region [default: to the end of the device].
+    #[arg(long, value_name = "SIZE", value_parser = bench::parse_bytes)]
+    pub size: Option<u64>,
+    /// Report this process's CPU time (all threads) per I/O: the backend's PID.
+    #[arg(long, value_name = "PID")]
+    pub backend_pid: Option<u32>,
+    /// Print one JSON object instead of a line of text.
+    #[arg(long)]
+    pub json: bool,
+    /// Print a progress line on stderr every second [default: on runs longer than 3 s when
+    /// stderr is a terminal].
+    #[arg(long)]
+    pub progress: bool,
+    /// Instead of a timed load, write the region with self-checking sectors (mixed sizes,
+    /// multi-segment requests, flushes), read it back and report the first mismatch; exits
+    /// non-zero on any mismatch or I/O error.
+    #[arg(long)]
+    pub verify: bool,
+    /// Which verify phase to run (implies --verify): `write` writes and flushes, `read` checks
+    /// what a `write` run with the same --seed wrote.
+    #[arg(long, value_enum, value_name = "PHASE")]
+    pub verify_phase: Option<VerifyPhase>,
+    /// Seed of offsets and data (the verify generation) [default: random, reported].
+    #[arg(long, value_parser = parse_seed)]
+    pub seed: Option<u64>,
+}
+
+fn parse_seed(s: &str) -> Result<u64, String> {
+    let r = match s.strip_prefix("0x") {
+        Some(hex) => u64::from_str_radix(hex, 16),
+        None => s.parse(),
+    };
+    r.map_err(|_| format!("{s:?} is not a seed (a number, decimal or 0x-hex)"))
+}
+
+impl BenchArgs {
+    fn options(&self, stderr_is_tty: bool) -> bench::Options {
+        let verify = match (self.verify, self.verify_phase) {
+            (_, Some(p)) => Some(p),
+            (true, None) => Some(VerifyPhase::Both),
+            (false, None) => None,
+        };
+        let long_run = self.ramp + self.runtime > PROGRESS_MIN_RUN;
+        bench::Options {
+            socket: self.socket.clone(),
+            rw: self.rw,
+            rwmixread: self.rwmixread,
+            bs: self.bs,
+            iodepth: self.iodepth as usize,
+            queues: self.queues as usize,
+            queue_size: self.queue_size,
+            runtime: self.runtime,
+            ramp: self.ramp,
+            offset: self.offset,
+            size: self.size,
+            backend_pid: self.backend_pid,
+            progress: self.progress || (stderr_is_tty && (long_run || verify.is_some())),
+            verify,
+            seed: self.seed,
+        }
+    }
+}
+
 fn parse_size(s: &str) -> Result<u64, String> {
     let s = s.trim();
     let split = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
@@ -169,6 +277,20 @@ pub fn run(cli: Cli) -> Result<()> {
     match cli.command {
         Command::Serve(args) => serve(args),
         Command::Probe(args) => probe_cmd(&args),
+        Command::Bench(args) => bench(args),
+    }
+}
+
+fn bench(args: BenchArgs) -> Result<()> {
+    let report = bench::run(&args.options(std::io::stderr().is_terminal()))?;
+    if args.json {
+        println!("{}", report.to_json());
+    } else {
+        println!("{}", report.human());
+    }
+    match report.failure() {
+        Some(f) => Err(anyhow::anyhow!(f)),
+        None => Ok(()),
     }
 }
 
@@ -434,5 +556,111 @@ mod tests {
         assert!(h.contains("path=/nonexistent/x.sock"));
         assert!(h.contains("num-queues=2,queue-size=128"));
         assert!(h.contains("share=on"));
+    }
+
+    fn bench_args(args: &[&str]) -> Result<BenchArgs, clap::Error> {
+        let cli = Cli::try_parse_from(["vublk", "bench"].iter().chain(args))?;
+        match cli.command {
+            Command::Bench(b) => Ok(b),
+            _ => panic!("not bench"),
+        }
+    }
+
+    #[test]
+    fn bench_defaults() {
+        let b = bench_args(&["--socket", "/s"]).unwrap();
+        let o = b.options(false);
+        assert_eq!(o.socket, PathBuf::from("/s"));
+        assert_eq!(o.rw, RwMode::Randread);
+        assert_eq!(
+            (o.bs, o.iodepth, o.queues, o.queue_size),
+            (4096, 32, 1, 256)
+        );
+        assert_eq!(
+            (o.runtime, o.ramp),
+            (Duration::from_secs(10), Duration::ZERO)
+        );
+        assert_eq!((o.offset, o.size, o.rwmixread), (0, None, 50));
+        assert!(!o.progress && o.verify.is_none() && o.seed.is_none() && !b.json);
+        // A terminal gets progress on long runs only.
+        assert!(o.progress || b.options(true).progress);
+        let short = bench_args(&["--socket", "/s", "--runtime", "1"]).unwrap();
+        assert!(!short.options(true).progress);
+        assert!(
+            bench_args(&["--rw", "read"]).is_err(),
+            "--socket is required"
+        );
+    }
+
+    #[test]
+    fn bench_options() {
+        let b = bench_args(&[
+            "--socket",
+            "/s",
+            "--rw",
+            "randrw",
+            "--rwmixread",
+            "70",
+            "--bs",
+            "128k",
+            "--iodepth",
+            "64",
+            "--queues",
+            "4",
+            "--runtime",
+            "2.5",
+            "--ramp",
+            "500ms",
+            "--offset",
+            "1M",
+            "--size",
+            "1G",
+            "--backend-pid",
+            "42",
+            "--json",
+            "--progress",
+            "--seed",
+            "0x10",
+        ])
+        .unwrap();
+        let o = b.options(false);
+        assert_eq!((o.rw, o.rwmixread, o.bs), (RwMode::Randrw, 70, 128 << 10));
+        assert_eq!((o.iodepth, o.queues), (64, 4));
+        assert_eq!(o.runtime, Duration::from_millis(2500));
+        assert_eq!(o.ramp, Duration::from_millis(500));
+        assert_eq!((o.offset, o.size), (1 << 20, Some(1 << 30)));
+        assert_eq!((o.backend_pid, o.seed), (Some(42), Some(16)));
+        assert!(b.json && o.progress);
+        for bad in [
+            &["--rw", "randomread"][..],
+            &["--rwmixread", "101"],
+            &["--bs", "4q"],
+            &["--iodepth", "0"],
+            &["--queues", "0"],
+            &["--queue-size", "100"],
+            &["--runtime", "x"],
+            &["--seed", "0xzz"],
+            &["--verify-phase", "check"],
+        ] {
+            let mut a = vec!["--socket", "/s"];
+            a.extend_from_slice(bad);
+            assert!(bench_args(&a).is_err(), "{bad:?} accepted");
+        }
+    }
+
+    #[test]
+    fn bench_verify_flags() {
+        let v = |a: &[&str]| {
+            let mut args = vec!["--socket", "/s"];
+            args.extend_from_slice(a);
+            bench_args(&args).unwrap().options(false).verify
+        };
+        assert_eq!(v(&[]), None);
+        assert_eq!(v(&["--verify"]), Some(VerifyPhase::Both));
+        assert_eq!(v(&["--verify-phase", "write"]), Some(VerifyPhase::Write));
+        assert_eq!(
+            v(&["--verify", "--verify-phase", "read"]),
+            Some(VerifyPhase::Read)
+        );
     }
 }

@@ -5,8 +5,11 @@
 //! virtio-blk device model (parse, config space, status); [`engine`] moves data between guest
 //! buffers and the [`backing`] file or block device. [`probe`] finds out what a backing is,
 //! [`caps`] what the kernel allows, and [`policy`] picks each export's engine from both.
+//! [`bench`](mod@bench) is a VM-less load generator and data verifier for any
+//! vhost-user-blk backend.
 
 pub mod backing;
+pub mod bench;
 pub mod blk;
 pub mod caps;
 pub mod engine;
