@@ -78,7 +78,26 @@ pub struct ThreadPoolEngine<T: Send + 'static> {
 impl<T: Send + 'static> ThreadPoolEngine<T> {
     /// A pool of at most `max_threads` threads accepting up to `capacity` operations at once.
     pub fn new(backing: Arc<Backing>, max_threads: usize, capacity: usize) -> io::Result<Self> {
-        Ok(ThreadPoolEngine {
+        let notifier = EventFd::new(EFD_NONBLOCK | EFD_CLOEXEC)?;
+        Ok(Self::with_notifier(
+            backing,
+            max_threads,
+            capacity,
+            notifier,
+        ))
+    }
+
+    /// Like [`new`](Self::new), but signalling on `notifier`, typically a duplicate of another
+    /// engine's eventfd so that both complete through one fd. [`reap`](IoEngine::reap) resets
+    /// that shared counter before it takes this pool's completions: whoever shares it must look
+    /// for its own completions only after calling `reap`, or a signal may be lost.
+    pub fn with_notifier(
+        backing: Arc<Backing>,
+        max_threads: usize,
+        capacity: usize,
+        notifier: EventFd,
+    ) -> Self {
+        ThreadPoolEngine {
             shared: Arc::new(PoolShared {
                 backing,
                 state: Mutex::new(PoolState {
@@ -88,13 +107,13 @@ impl<T: Send + 'static> ThreadPoolEngine<T> {
                 }),
                 work_ready: Condvar::new(),
                 done: Mutex::new(Vec::new()),
-                notifier: EventFd::new(EFD_NONBLOCK | EFD_CLOEXEC)?,
+                notifier,
             }),
             threads: Vec::new(),
             max_threads: max_threads.max(1),
             capacity,
             in_flight: 0,
-        })
+        }
     }
 
     fn spawn_thread(&mut self) -> io::Result<()> {
