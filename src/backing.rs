@@ -374,7 +374,8 @@ impl Backing {
     }
 }
 
-fn is_unsupported(e: &io::Error) -> bool {
+/// Whether an error means the storage cannot do the operation at all (not that it failed).
+pub(crate) fn is_unsupported(e: &io::Error) -> bool {
     matches!(
         e.raw_os_error(),
         Some(libc::EOPNOTSUPP) | Some(libc::ENOSYS)

@@ -13,8 +13,10 @@ use std::sync::Arc;
 use crate::backing::Backing;
 
 pub mod threads;
+pub mod uring;
 
 pub use threads::ThreadPoolEngine;
+pub use uring::{UringEngine, probe_io_uring};
 
 /// The engines vublk has.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
@@ -66,6 +68,7 @@ pub fn create<T: Send + 'static>(
             params.io_threads,
             params.queue_depth,
         )?)),
+        EngineKind::IoUring => Ok(Box::new(UringEngine::new(backing, params)?)),
         other => Err(EngineError::Unavailable(
             other,
             "not built into this version".into(),
