@@ -12,6 +12,8 @@ use std::sync::Arc;
 
 use crate::backing::Backing;
 
+#[cfg(test)]
+mod conformance;
 pub mod threads;
 pub mod uring;
 
