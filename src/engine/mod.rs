@@ -204,6 +204,9 @@ pub struct Rejected<T> {
 }
 
 /// The interface every engine offers its queue thread.
+///
+/// Dropping an engine first finishes every operation submitted to it, committed or not, and
+/// only then drops their tokens; the conformance suite holds every engine to this.
 pub trait IoEngine<T>: Send {
     /// A short name for logs ("threads", "io-uring", ...).
     fn name(&self) -> &'static str;
