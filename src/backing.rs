@@ -424,7 +424,7 @@ fn aligned_zeros(len: usize, align: usize) -> AlignedZeros {
     }
 }
 
-fn is_unsupported(e: &io::Error) -> bool {
+pub(crate) fn is_unsupported(e: &io::Error) -> bool {
     matches!(
         e.raw_os_error(),
         Some(libc::EOPNOTSUPP) | Some(libc::ENOSYS)

@@ -1,9 +1,6 @@
 //! What the running kernel lets vublk use: io_uring and Linux native AIO.
 //!
-//! MERGE: this is a stand-in. When the io_uring and linux-aio engines are merged,
-//! [`KernelCaps::detect`] calls their own probes (`engine::uring::probe_io_uring()` and
-//! `engine::aio::probe_linux_aio()`, same signature as the two functions below), and those two
-//! functions are deleted.
+//! Each engine probes for itself; this gathers the answers for the policy and `vublk probe`.
 
 use std::fmt;
 
@@ -24,10 +21,7 @@ impl KernelCaps {
     /// Asks the kernel.
     pub fn detect() -> Self {
         KernelCaps {
-            // Until the io_uring engine is merged, this build cannot use the ring the kernel
-            // offers.
-            io_uring: probe_io_uring()
-                .and(Err("the io-uring engine is not in this build yet".into())),
+            io_uring: crate::engine::probe_io_uring(),
             linux_aio: crate::engine::probe_linux_aio(),
         }
     }
@@ -56,30 +50,6 @@ impl fmt::Display for KernelCaps {
     }
 }
 
-/// MERGE: replaced by `engine::uring::probe_io_uring`.
-fn probe_io_uring() -> Result<(), String> {
-    // Absent before Linux 6.6: then io_uring is allowed.
-    let disabled = std::fs::read_to_string("/proc/sys/kernel/io_uring_disabled")
-        .ok()
-        .map(|s| s.trim().to_owned());
-    if disabled.as_deref() == Some("2") {
-        return Err("kernel.io_uring_disabled=2".into());
-    }
-    match io_uring::IoUring::new(4) {
-        Ok(_) => Ok(()),
-        Err(e) => Err(match (e.raw_os_error(), disabled.as_deref()) {
-            (Some(libc::EPERM), Some("1")) => {
-                "kernel.io_uring_disabled=1 and this process is not in kernel.io_uring_group".into()
-            }
-            (Some(libc::EPERM), _) => {
-                "creating a ring is not permitted (EPERM: a seccomp or container policy?)".into()
-            }
-            (Some(libc::ENOSYS), _) => "the kernel has no io_uring (ENOSYS)".into(),
-            _ => format!("creating a ring fails: {e}"),
-        }),
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -90,7 +60,8 @@ mod tests {
         let disabled =
             std::fs::read_to_string("/proc/sys/kernel/io_uring_disabled").unwrap_or_default();
         if disabled.trim() == "2" {
-            assert_eq!(probe_io_uring(), Err("kernel.io_uring_disabled=2".into()));
+            let reason = caps.io_uring.as_ref().unwrap_err();
+            assert!(reason.contains("io_uring_disabled"), "{reason}");
         }
         let json = serde_json::to_value(&caps).unwrap();
         assert_eq!(json["io_uring"]["available"], caps.io_uring.is_ok());

@@ -394,37 +394,32 @@ impl<T: Send + 'static> Drop for LinuxAioEngine<T> {
     /// operations too, but without a bound and uninterruptibly; waiting here bounds the wait
     /// and lets the tokens be dropped after their operation. If the kernel does not finish in
     /// time (a hung device), the context, the iovec arrays and the tokens are leaked rather
-    /// than freed under the kernel's feet. Queued operations that never reached the kernel are
-    /// simply dropped; the helper pool finishes its own before its threads exit.
+    /// than freed under the kernel's feet. Queued operations are submitted first; the helper pool
+    /// finishes its own before its threads exit.
     fn drop(&mut self) {
+        // Like every engine, finish what was submitted, including what was not committed yet.
+        if let Err(e) = self.commit() {
+            log::error!("linux-aio: submitting queued operations while closing failed: {e}");
+        }
+        let mut done = Vec::new();
         let mut steps = 0;
-        while self.table.in_kernel() > 0 {
-            if steps == DROP_WAIT_STEPS {
-                log::error!(
-                    "linux-aio: closing with {} operations still in the kernel; leaking their \
-                     memory",
-                    self.table.in_kernel()
-                );
-                self.ctx.leak();
-                std::mem::forget(std::mem::take(&mut self.ops));
-                return;
-            }
+        while self.in_flight() > 0 && steps < DROP_WAIT_STEPS {
             steps += 1;
-            let min = self.table.in_kernel();
-            match self.ctx.wait_events(min, &mut self.events, DROP_WAIT_STEP) {
-                Ok(n) => {
-                    for k in 0..n {
-                        let event = self.events[k];
-                        if let Some(i) = self.table.complete(&event) {
-                            self.finish(i, Ok(()));
-                        }
-                    }
-                }
-                Err(e) => {
-                    log::error!("linux-aio: io_getevents failed while closing: {e}");
-                    steps = DROP_WAIT_STEPS;
-                }
+            let wait_ms = DROP_WAIT_STEP.as_millis().try_into().unwrap_or(i32::MAX);
+            if let Err(e) = super::wait_readable(self.completion_fd(), wait_ms) {
+                log::error!("linux-aio: waiting for completions while closing failed: {e}");
+                break;
             }
+            self.reap(&mut done);
+            done.clear();
+        }
+        if self.table.in_kernel() > 0 {
+            log::error!(
+                "linux-aio: closing with {} operations still in the kernel; leaking their memory",
+                self.table.in_kernel()
+            );
+            self.ctx.leak();
+            std::mem::forget(std::mem::take(&mut self.ops));
         }
     }
 }

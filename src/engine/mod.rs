@@ -15,11 +15,15 @@ use crate::backing::Backing;
 pub mod aio;
 pub mod aio_abi;
 pub mod bounce;
+#[cfg(test)]
+mod conformance;
 pub mod threads;
+pub mod uring;
 
 pub use aio::{LinuxAioEngine, probe_linux_aio};
 pub use bounce::BounceAdapter;
 pub use threads::ThreadPoolEngine;
+pub use uring::{UringEngine, probe_io_uring};
 
 /// The engines vublk has.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
@@ -87,10 +91,7 @@ fn create_unaligned<T: Send + 'static>(
             params.queue_depth,
         )?)),
         EngineKind::LinuxAio => Ok(Box::new(LinuxAioEngine::new(backing, params)?)),
-        other => Err(EngineError::Unavailable(
-            other,
-            "not built into this version".into(),
-        )),
+        EngineKind::IoUring => Ok(Box::new(UringEngine::new(backing, params)?)),
     }
 }
 
@@ -225,6 +226,9 @@ pub struct Rejected<T> {
 }
 
 /// The interface every engine offers its queue thread.
+///
+/// Dropping an engine first finishes every operation submitted to it, committed or not, and
+/// only then drops their tokens; the conformance suite holds every engine to this.
 pub trait IoEngine<T>: Send {
     /// A short name for logs ("threads", "io-uring", ...).
     fn name(&self) -> &'static str;
