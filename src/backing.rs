@@ -82,6 +82,8 @@ pub enum BackingKind {
     File,
     /// A block device.
     BlockDevice,
+    /// No storage at all, for measuring the transport: reads return zeros, writes vanish.
+    Null,
 }
 
 /// How to open a backing.
@@ -178,7 +180,7 @@ impl Backing {
         }
         // Without a statx answer: the device's sector, or for files the file system block.
         let fallback = match kind {
-            BackingKind::File => physical_block,
+            BackingKind::File | BackingKind::Null => physical_block,
             BackingKind::BlockDevice => native_logical_block,
         };
         let (mem, offset) = crate::probe::dio_alignment(&file).unwrap_or((fallback, fallback));
@@ -207,6 +209,23 @@ impl Backing {
     /// What O_DIRECT transfers on this backing must be aligned to.
     pub fn dio_align(&self) -> DioAlign {
         self.dio_align
+    }
+
+    /// A null backing of `size` bytes: no storage behind it. Only the null engine serves it.
+    pub fn null(size: u64) -> io::Result<Self> {
+        Ok(Backing {
+            // Never read or written: the null engine does not touch the backing.
+            file: File::open("/dev/null")?,
+            path: PathBuf::from("null"),
+            kind: BackingKind::Null,
+            size,
+            read_only: false,
+            direct: false,
+            native_logical_block: 512,
+            physical_block: 4096,
+            identity: (0, 0),
+            dio_align: DioAlign { mem: 1, offset: 1 },
+        })
     }
 
     /// The path it was opened from.
@@ -316,6 +335,7 @@ impl Backing {
     /// storage cannot deallocate, this succeeds without doing anything.
     pub fn discard(&self, offset: u64, len: u64) -> io::Result<()> {
         let result = match self.kind {
+            BackingKind::Null => Ok(()),
             BackingKind::File => self.fallocate(
                 libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
                 offset,

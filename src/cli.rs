@@ -8,9 +8,10 @@ use std::time::Duration;
 use anyhow::{Context, Result};
 use clap::{Parser, Subcommand, ValueEnum};
 
-use vublk::backing;
+use vublk::backing::{self, Backing};
 use vublk::bench::{self, RwMode, VerifyPhase};
 use vublk::caps::KernelCaps;
+use vublk::engine::EngineKind;
 use vublk::export::{Export, ExportConfig};
 use vublk::policy::{self, Choice, DirectRequest, EngineRequest, Refusal, Request};
 use vublk::probe::{self, ProbeReport};
@@ -94,6 +95,10 @@ pub struct ServeArgs {
     /// Export read-only.
     #[arg(long)]
     pub read_only: bool,
+    /// Serve a NULL device of this size instead of storage, for measuring the transport:
+    /// reads return zeros and writes are discarded. Never use it for data.
+    #[arg(long, value_name = "SIZE", value_parser = parse_size, conflicts_with_all = ["file", "size"])]
+    pub null: Option<u64>,
     /// Number of virtqueues, each served by its own thread.
     #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u16).range(1..=64))]
     pub queues: u16,
@@ -368,7 +373,7 @@ fn probe_cmd(args: &ProbeArgs) -> Result<()> {
 }
 
 fn serve(args: ServeArgs) -> Result<()> {
-    let builtin = args.file.is_none();
+    let builtin = args.file.is_none() && args.null.is_none();
     if args.file.is_none() || args.socket.is_none() {
         std::fs::create_dir_all(&args.data_dir)
             .with_context(|| format!("cannot create data directory {}", args.data_dir.display()))?;
@@ -386,11 +391,45 @@ fn serve(args: ServeArgs) -> Result<()> {
         .socket
         .clone()
         .unwrap_or_else(|| args.data_dir.join("vublk.sock"));
+    let export_config = |engine, direct| ExportConfig {
+        path: path.clone(),
+        create_size,
+        read_only: args.read_only,
+        queues: args.queues,
+        queue_size: args.queue_size,
+        serial: args.serial.clone(),
+        logical_block_size: args.logical_block_size,
+        writeback: args.write_cache == WriteCacheMode::Writeback,
+        io_threads: usize::from(args.io_threads),
+        engine,
+        direct,
+    };
+    let export = if let Some(size) = args.null {
+        if args.choice.engine != EngineRequest::Auto || args.choice.direct != DirectRequest::Auto {
+            anyhow::bail!("--null has no storage: --engine and --direct do not apply");
+        }
+        log::warn!("serving a NULL device: reads return zeros, writes are discarded");
+        Export::with_backing(
+            Backing::null(size)?,
+            &export_config(EngineKind::Null, false),
+        )?
+    } else {
+        open_export(&args, &path, create_size, export_config)?
+    };
+    serve_export(&args, export, socket, builtin)
+}
+
+fn open_export(
+    args: &ServeArgs,
+    path: &Path,
+    create_size: Option<u64>,
+    export_config: impl Fn(EngineKind, bool) -> ExportConfig,
+) -> Result<Export> {
     // The engine is chosen from what the image is, so it must exist first.
     if let Some(size) = create_size {
-        backing::create_image_if_missing(&path, size)?;
+        backing::create_image_if_missing(path, size)?;
     }
-    let decision = decide(&path, args.choice, args.logical_block_size)?;
+    let decision = decide(path, args.choice, args.logical_block_size)?;
     if !args.read_only && !decision.report.writable {
         anyhow::bail!(
             "{} is not writable ({}); serve it with --read-only",
@@ -404,19 +443,11 @@ fn serve(args: ServeArgs) -> Result<()> {
     }
     let choice = decision.choice?;
     log::info!("{}: {choice}", path.display());
-    let export = Export::open(&ExportConfig {
-        path: path.clone(),
-        create_size,
-        read_only: args.read_only,
-        queues: args.queues,
-        queue_size: args.queue_size,
-        serial: args.serial.clone(),
-        logical_block_size: args.logical_block_size,
-        writeback: args.write_cache == WriteCacheMode::Writeback,
-        io_threads: usize::from(args.io_threads),
-        engine: choice.engine,
-        direct: choice.direct,
-    })?;
+    Ok(Export::open(&export_config(choice.engine, choice.direct))?)
+}
+
+fn serve_export(args: &ServeArgs, export: Export, socket: PathBuf, builtin: bool) -> Result<()> {
+    let path = export.backing.path().to_path_buf();
     let listener = server::bind_socket(&SocketConfig {
         path: socket.clone(),
         mode: args.socket_mode,

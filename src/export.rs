@@ -89,6 +89,20 @@ pub struct Export {
 impl Export {
     /// Opens the backing and derives the disk the guest will see.
     pub fn open(cfg: &ExportConfig) -> Result<Self, ExportError> {
+        Self::check(cfg)?;
+        let backing = Backing::open(
+            &cfg.path,
+            &OpenParams {
+                read_only: cfg.read_only,
+                create_size: cfg.create_size,
+                direct: cfg.direct,
+            },
+        )?;
+        Self::with_backing(backing, cfg)
+    }
+
+    /// Checks what can be checked before the backing is touched.
+    fn check(cfg: &ExportConfig) -> Result<(), ExportError> {
         let block = cfg.logical_block_size.unwrap_or(0);
         if cfg.logical_block_size.is_some() && block != 512 && block != 4096 {
             return Err(ExportError::BlockSize(block));
@@ -98,19 +112,18 @@ impl Export {
         {
             return Err(ExportError::Serial(s.clone()));
         }
-        let backing = Backing::open(
-            &cfg.path,
-            &OpenParams {
-                read_only: cfg.read_only,
-                create_size: cfg.create_size,
-                direct: cfg.direct,
-            },
-        )?;
+        Ok(())
+    }
+
+    /// Builds the export around an already open backing (`cfg.path`, `cfg.create_size` and
+    /// `cfg.direct` are not used).
+    pub fn with_backing(backing: Backing, cfg: &ExportConfig) -> Result<Self, ExportError> {
+        Self::check(cfg)?;
         let native = backing.native_logical_block();
         let block = cfg.logical_block_size.unwrap_or(native.clamp(512, 4096));
         if block < native {
             return Err(ExportError::BlockSizeTooSmall {
-                path: cfg.path.clone(),
+                path: backing.path().to_path_buf(),
                 requested: block,
                 native,
             });
@@ -118,7 +131,7 @@ impl Export {
         let usable = backing.size() / u64::from(block) * u64::from(block);
         if usable == 0 {
             return Err(ExportError::TooSmall {
-                path: cfg.path.clone(),
+                path: backing.path().to_path_buf(),
                 size: backing.size(),
                 block,
             });
@@ -126,7 +139,7 @@ impl Export {
         if usable != backing.size() {
             log::warn!(
                 "{}: size {} is not a multiple of {block}; the last {} bytes are not exported",
-                cfg.path.display(),
+                backing.path().display(),
                 backing.size(),
                 backing.size() - usable
             );

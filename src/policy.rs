@@ -218,6 +218,10 @@ fn storage_verdict(probe: &ProbeReport, direct_ok: &Result<u32, String>) -> Verd
             reasons.push("block device".to_owned());
             true
         }
+        (BackingKind::Null, _, _) => {
+            reasons.push("null backing: there is no storage to choose an engine for".to_owned());
+            false
+        }
         (BackingKind::File, Some(fs), alloc) => match fs.class {
             FsClass::Memory => {
                 // The O_DIRECT reason ("tmpfs has no O_DIRECT ...") says it all.

@@ -85,7 +85,7 @@ impl ProbeReport {
     /// the device's sector size (512 or 4096), 512 for files. Matches [`crate::export`].
     pub fn default_export_block_size(&self) -> u32 {
         match self.kind {
-            BackingKind::File => 512,
+            BackingKind::File | BackingKind::Null => 512,
             BackingKind::BlockDevice => self.logical_block_size.clamp(512, 4096),
         }
     }
@@ -718,6 +718,7 @@ impl fmt::Display for ProbeReport {
             BackingKind::File => {
                 writeln!(f, "  kind:             regular file, {}", mib(self.size))?
             }
+            BackingKind::Null => writeln!(f, "  kind:             null (no storage)")?,
         }
         if let Some(fs) = &self.file_system {
             writeln!(

@@ -10,18 +10,20 @@ use std::io;
 use std::os::unix::io::RawFd;
 use std::sync::Arc;
 
-use crate::backing::Backing;
+use crate::backing::{Backing, BackingKind};
 
 pub mod aio;
 pub mod aio_abi;
 pub mod bounce;
 #[cfg(test)]
 mod conformance;
+pub mod null;
 pub mod threads;
 pub mod uring;
 
 pub use aio::{LinuxAioEngine, probe_linux_aio};
 pub use bounce::BounceAdapter;
+pub use null::NullEngine;
 pub use threads::ThreadPoolEngine;
 pub use uring::{UringEngine, probe_io_uring};
 
@@ -35,6 +37,8 @@ pub enum EngineKind {
     IoUring,
     /// Linux native AIO (io_submit), O_DIRECT only.
     LinuxAio,
+    /// No I/O at all, for a null backing: reads return zeros, writes are dropped.
+    Null,
 }
 
 impl EngineKind {
@@ -44,6 +48,7 @@ impl EngineKind {
             EngineKind::Threads => "threads",
             EngineKind::IoUring => "io-uring",
             EngineKind::LinuxAio => "linux-aio",
+            EngineKind::Null => "null",
         }
     }
 }
@@ -84,6 +89,12 @@ fn create_unaligned<T: Send + 'static>(
     backing: Arc<Backing>,
     params: EngineParams,
 ) -> Result<Box<dyn IoEngine<T>>, EngineError> {
+    if backing.kind() == BackingKind::Null && kind != EngineKind::Null {
+        return Err(EngineError::Unavailable(
+            kind,
+            "a null backing has no storage".into(),
+        ));
+    }
     match kind {
         EngineKind::Threads => Ok(Box::new(ThreadPoolEngine::new(
             backing,
@@ -92,6 +103,7 @@ fn create_unaligned<T: Send + 'static>(
         )?)),
         EngineKind::LinuxAio => Ok(Box::new(LinuxAioEngine::new(backing, params)?)),
         EngineKind::IoUring => Ok(Box::new(UringEngine::new(backing, params)?)),
+        EngineKind::Null => Ok(Box::new(NullEngine::new(&backing, params)?)),
     }
 }
 
