@@ -60,6 +60,16 @@ impl DeviceState {
     }
 }
 
+/// Why a pass over the available ring ended.
+enum PassEnd {
+    /// No more requests on the ring.
+    Drained,
+    /// The engine has no room for another request.
+    EngineFull,
+    /// The ring is not running (never started, or stopped by the frontend).
+    Stopped,
+}
+
 struct QueueWorker {
     index: usize,
     engine: Box<dyn IoEngine<InFlight>>,
@@ -87,10 +97,16 @@ impl QueueWorker {
                     self.index
                 );
             }
-            if !self.pop_requests(dev, vring) {
-                // Backpressure: resume when a completion frees a slot.
-                self.throttled = true;
-                break;
+            match self.pop_requests(dev, vring) {
+                PassEnd::Drained => {}
+                PassEnd::EngineFull => {
+                    // Backpressure: resume when a completion frees a slot.
+                    self.throttled = true;
+                    break;
+                }
+                // The frontend stopped the ring (GET_VRING_BASE): what is still on it
+                // belongs to the next owner of the ring.
+                PassEnd::Stopped => break,
             }
             // With EVENT_IDX, look again after re-enabling notifications: the driver may have
             // added requests without a kick in between.
@@ -108,15 +124,21 @@ impl QueueWorker {
         self.signal(vring);
     }
 
-    /// Pops and starts requests while the engine has room; false if it stopped for room.
-    fn pop_requests(&mut self, dev: &DeviceState, vring: &VringRwLock) -> bool {
+    /// Pops and starts requests while the engine has room and the ring runs.
+    fn pop_requests(&mut self, dev: &DeviceState, vring: &VringRwLock) -> PassEnd {
         let mem = dev.mem.memory().into_inner();
         while self.engine.free_slots() > 0 {
-            let chain = vring
-                .get_mut()
-                .get_queue_mut()
-                .pop_descriptor_chain(mem.clone());
-            let Some(chain) = chain else { return true };
+            let chain = {
+                let mut state = vring.get_mut();
+                let queue = state.get_queue_mut();
+                if !queue.ready() {
+                    return PassEnd::Stopped;
+                }
+                queue.pop_descriptor_chain(mem.clone())
+            };
+            let Some(chain) = chain else {
+                return PassEnd::Drained;
+            };
             let head = chain.head_index();
             match request::parse(chain, &mem, &dev.export.disk) {
                 Ok(req) => self.start(dev, vring, head, req),
@@ -144,7 +166,7 @@ impl QueueWorker {
                 }
             }
         }
-        false
+        PassEnd::EngineFull
     }
 
     fn start(&mut self, dev: &DeviceState, vring: &VringRwLock, head: u16, req: Request) {

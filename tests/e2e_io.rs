@@ -2,6 +2,8 @@
 //! against the backing file, descriptor layouts, indirect tables, buffers spanning memory
 //! regions, every request type, out-of-range and misaligned requests, multi-queue.
 
+#![allow(clippy::needless_range_loop)]
+
 mod common;
 
 use std::time::Duration;
@@ -770,4 +772,92 @@ fn data_outside_guest_memory_fails() {
     // Still serving on the same queue.
     fe.assert_reads(0, 10, &before[10 * 512..10 * 512 + 4096]);
     let _ = Duration::ZERO;
+}
+
+#[test]
+fn guest_memory_changes_at_runtime() {
+    let d = Daemon::start(Config::default());
+    // Start with region A only (via ADD_MEM_REG).
+    let mut fe = RawFrontend::connect_with(
+        &d.socket,
+        FrontendOpts::default().add_mem_reg().initial_regions(1),
+    )
+    .unwrap();
+    let data = pattern(91, 8192);
+    fe.write(0, 64, &data).assert_ok();
+    // Region B is not known to the daemon yet: a buffer there is outside guest memory.
+    let before = read_file(&d.image);
+    let in_b = fe.mem.alloc(8192, 8, common::guest::Place::B);
+    let o = fe.request_with(
+        0,
+        &BlkReq::write(64, &[0x99; 4096]),
+        &Layout::default().at(1, in_b),
+    );
+    assert_eq!(
+        o.status,
+        Some(S_IOERR),
+        "write from unknown region B: {o:?}"
+    );
+    assert!(read_file(&d.image) == before);
+    // Hot-add region B, then use it, including a buffer straddling A and B.
+    fe.add_region(1).unwrap();
+    let o = fe.request_with(0, &BlkReq::read(64, 8192), &Layout::default().region_b());
+    o.assert_ok();
+    assert!(o.data == data);
+    let o = fe.request_with(0, &BlkReq::read(64, 8192), &Layout::default().span(1));
+    o.assert_ok();
+    assert!(o.data == data);
+    // Remove it again: region B buffers fail, region A still works.
+    fe.remove_region(1).unwrap();
+    let in_b = fe.mem.alloc(8192, 8, common::guest::Place::B);
+    let o = fe.request_with(0, &BlkReq::read(64, 4096), &Layout::default().at(1, in_b));
+    assert_eq!(o.status, Some(S_IOERR), "read into removed region B: {o:?}");
+    fe.assert_reads(0, 64, &data);
+    // A full SET_MEM_TABLE replacing the table with both regions.
+    fe.set_mem_table(&[0, 1]).unwrap();
+    let o = fe.request_with(0, &BlkReq::read(64, 8192), &Layout::default().span(1));
+    o.assert_ok();
+    assert!(o.data == data);
+}
+
+#[test]
+fn maximum_segment_count_and_size() {
+    let (d, mut fe) = start(Config::default());
+    let cfg = fe.config();
+    let seg_max = cfg.seg_max as usize;
+    assert_eq!(seg_max, 254);
+    // Direct chain using every descriptor of the 256-entry ring: header + 254 segments + status.
+    let data = pattern(95, seg_max * 512);
+    let mut split = vec![16];
+    split.extend(std::iter::repeat_n(512, seg_max));
+    fe.request_with(
+        0,
+        &BlkReq::write(3000, &data),
+        &Layout::default().split_out(&split),
+    )
+    .assert_ok();
+    assert_file_range(&d.image, 3000 * 512, &data);
+    let mut split: Vec<u32> = std::iter::repeat_n(512, seg_max).collect();
+    split.push(1);
+    let o = fe.request_with(
+        0,
+        &BlkReq::read(3000, data.len() as u32),
+        &Layout::default().split_in(&split),
+    );
+    o.assert_ok();
+    assert!(o.data == data);
+    // The same through an indirect table.
+    let o = fe.request_with(
+        0,
+        &BlkReq::read(3000, data.len() as u32),
+        &Layout::default().indirect().split_in(&split),
+    );
+    o.assert_ok();
+    assert!(o.data == data);
+    // One segment of size_max bytes (capped at 4 MiB for the test's memory).
+    let seg = cfg.size_max.min(4 << 20) / 512 * 512;
+    let data = pattern(96, seg as usize);
+    fe.write(0, 100, &data).assert_ok();
+    assert_file_range(&d.image, 100 * 512, &data);
+    fe.assert_reads(0, 100, &data);
 }

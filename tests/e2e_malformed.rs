@@ -8,7 +8,7 @@ use common::blk::*;
 use common::daemon::{Config, Daemon};
 use common::guest::{OUTSIDE_GPA, Place};
 use common::raw::{FrontendOpts, RawFrontend};
-use common::virtq::{Desc, Link, VRING_DESC_F_INDIRECT, VRING_DESC_F_NEXT};
+use common::virtq::{Desc, Link};
 use common::*;
 
 struct Env {
@@ -50,8 +50,7 @@ impl Env {
         self.fe.buf_with(&header(type_, 0, sector), Place::A)
     }
     fn data(&mut self, len: u32) -> u64 {
-        let g = self.fe.buf_with(&pattern(0xBAD, len as usize), Place::A);
-        g
+        self.fe.buf_with(&pattern(0xBAD, len as usize), Place::A)
     }
     fn status(&mut self) -> u64 {
         self.fe.buf(1, STATUS_UNTOUCHED, Place::A)
@@ -556,7 +555,6 @@ fn bad_indirect_tables() {
         Some(s),
         Expect::Returned,
     );
-    let _ = (VRING_DESC_F_INDIRECT, VRING_DESC_F_NEXT);
 }
 
 #[test]

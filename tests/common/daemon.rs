@@ -8,7 +8,7 @@ use std::ffi::OsString;
 use std::fs::File;
 use std::os::unix::fs::FileTypeExt;
 use std::os::unix::net::UnixStream;
-use std::os::unix::process::ExitStatusExt;
+use std::os::unix::process::{CommandExt, ExitStatusExt};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::sync::Arc;
@@ -246,7 +246,7 @@ impl Daemon {
         if let Err(e) = d.wait_ready(READY_TIMEOUT) {
             panic!(
                 "daemon did not become ready: {e}\n--- daemon stderr ---\n{}",
-                d.stderr_text()
+                d.stderr_excerpt(40, 120)
             );
         }
         d
@@ -283,7 +283,17 @@ impl Daemon {
             n += 1;
         };
         let err = File::create(&stderr_path).unwrap();
-        let child = Command::new(program)
+        let mut cmd = Command::new(program);
+        // SAFETY: the closure only calls prctl, which is async-signal-safe. It makes the
+        // kernel kill the daemon if the test thread that spawned it goes away (e.g. the test
+        // binary is killed), so no daemon outlives its test.
+        unsafe {
+            cmd.pre_exec(|| {
+                libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
+                Ok(())
+            })
+        };
+        let child = cmd
             .args(args)
             .env("RUST_LOG", rust_log)
             .stdin(Stdio::null())
@@ -307,6 +317,37 @@ impl Daemon {
 
     pub fn stderr_text(&self) -> String {
         std::fs::read_to_string(&self.stderr_path).unwrap_or_default()
+    }
+
+    /// The first `head` and last `tail` lines of stderr (each line cut at 300 chars), for
+    /// failure messages: a misbehaving daemon may log gigabytes.
+    pub fn stderr_excerpt(&self, head: usize, tail: usize) -> String {
+        use std::io::{Read, Seek, SeekFrom};
+        let Ok(mut f) = File::open(&self.stderr_path) else {
+            return String::new();
+        };
+        let len = f.metadata().map(|m| m.len()).unwrap_or(0);
+        let cut = |s: &str| -> String { s.chars().take(300).collect() };
+        let mut first = vec![0u8; len.min(64 << 10) as usize];
+        let _ = f.read_exact(&mut first);
+        let first = String::from_utf8_lossy(&first);
+        if len <= 64 << 10 && first.lines().count() <= head + tail {
+            return first.lines().map(cut).collect::<Vec<_>>().join("\n") + "\n";
+        }
+        let start = len.saturating_sub(64 << 10);
+        let _ = f.seek(SeekFrom::Start(start));
+        let mut last = Vec::new();
+        let _ = f.read_to_end(&mut last);
+        let last = String::from_utf8_lossy(&last);
+        let last_lines: Vec<&str> = last.lines().collect();
+        let mut out: Vec<String> = first.lines().take(head).map(cut).collect();
+        out.push(format!("[... {len} bytes in total ...]"));
+        out.extend(
+            last_lines[last_lines.len().saturating_sub(tail)..]
+                .iter()
+                .map(|l| cut(l)),
+        );
+        out.join("\n") + "\n"
     }
 
     /// Poll until the socket exists and accepts a connection, or the daemon exits.
@@ -377,7 +418,7 @@ impl Daemon {
                 let st = self.wait_exit(Duration::from_secs(5));
                 panic!(
                     "daemon did not exit within {timeout:?} of SIGTERM (killed: {st:?})\n--- daemon stderr ---\n{}",
-                    self.stderr_text()
+                    self.stderr_excerpt(40, 120)
                 );
             }
         }
@@ -440,7 +481,7 @@ impl Drop for Daemon {
             eprintln!(
                 "--- daemon stderr ({}) ---\n{}--- end ---",
                 self.stderr_path.display(),
-                self.stderr_text()
+                self.stderr_excerpt(40, 120)
             );
         }
     }

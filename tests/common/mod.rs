@@ -13,6 +13,7 @@ pub mod daemon;
 pub mod guest;
 pub mod raw;
 pub mod virtq;
+pub mod watchdog;
 
 use std::fs::File;
 use std::os::unix::fs::{FileExt, MetadataExt};

@@ -2,6 +2,7 @@
 //! shares memfd guest memory, builds split virtqueues by hand and submits arbitrary
 //! descriptor chains.
 
+use std::os::fd::AsRawFd;
 use std::path::Path;
 use std::time::Duration;
 
@@ -14,8 +15,11 @@ use vhost::{VhostBackend, VhostUserMemoryRegionInfo, VringConfigData};
 use super::blk::*;
 use super::guest::{GuestMem, Place};
 use super::virtq::{Desc, VRING_DESC_F_WRITE, VirtQueue, write_indirect_table};
+use super::watchdog::Watchdog;
 
 pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(10);
+/// Bound on waiting for a vhost-user reply.
+pub const MSG_TIMEOUT: Duration = Duration::from_secs(10);
 
 #[derive(Clone, Debug)]
 pub struct FrontendOpts {
@@ -33,6 +37,9 @@ pub struct FrontendOpts {
     /// Initial ring index (avail idx, used idx and vring base) of fresh queues, to test
     /// wrap-around of the 16-bit indices.
     pub initial_index: u16,
+    /// Send only the first N memory regions at setup (the rest can be added later with
+    /// `add_region`); None = all.
+    pub initial_regions: Option<usize>,
 }
 
 impl Default for FrontendOpts {
@@ -49,6 +56,7 @@ impl Default for FrontendOpts {
                 | VhostUserProtocolFeatures::CONFIGURE_MEM_SLOTS,
             drop_features: 0,
             initial_index: 0,
+            initial_regions: None,
         }
     }
 }
@@ -72,6 +80,10 @@ impl FrontendOpts {
     }
     pub fn initial_index(mut self, i: u16) -> Self {
         self.initial_index = i;
+        self
+    }
+    pub fn initial_regions(mut self, n: usize) -> Self {
+        self.initial_regions = Some(n);
         self
     }
     pub fn drop_features(mut self, f: u64) -> Self {
@@ -141,6 +153,8 @@ pub struct RawFrontend {
     pub queue_num: u64,
     pub opts: FrontendOpts,
     pub timeout: Duration,
+    /// Bounds every vhost-user message exchange.
+    pub dog: Watchdog,
 }
 
 /// The virtio features this frontend is willing to ack.
@@ -164,6 +178,17 @@ pub fn frontend_features(opts: &FrontendOpts) -> u64 {
         f |= bit(VIRTIO_RING_F_INDIRECT_DESC);
     }
     f & !opts.drop_features
+}
+
+fn region_info(mem: &GuestMem, i: usize) -> VhostUserMemoryRegionInfo {
+    let r = &mem.regions[i];
+    VhostUserMemoryRegionInfo {
+        guest_phys_addr: r.gpa,
+        memory_size: r.size,
+        userspace_addr: r.host as u64,
+        mmap_offset: 0,
+        mmap_handle: r.fd(),
+    }
 }
 
 fn verr(what: &str, e: vhost::Error) -> String {
@@ -203,7 +228,54 @@ impl RawFrontend {
         opts: FrontendOpts,
         prev: Option<Detached>,
     ) -> Result<RawFrontend, String> {
-        let mut fe = Frontend::connect(socket, 16).map_err(|e| verr("connect", e))?;
+        let fe = Frontend::connect(socket, 16).map_err(|e| verr("connect", e))?;
+        // A daemon that never replies must fail the test, not hang it.
+        let dog = Watchdog::new(fe.as_raw_fd(), MSG_TIMEOUT);
+        let r = Self::negotiate(fe, &dog, socket, opts, prev);
+        if dog.fired() {
+            return Err(format!(
+                "no reply from the daemon within {MSG_TIMEOUT:?} during setup ({})",
+                r.err().unwrap_or_default()
+            ));
+        }
+        let (fe, mem, queues, features, acked, protocol, acked_protocol, queue_num, opts) = r?;
+        Ok(RawFrontend {
+            fe,
+            mem,
+            queues,
+            features,
+            acked,
+            protocol,
+            acked_protocol,
+            queue_num,
+            opts,
+            timeout: DEFAULT_TIMEOUT,
+            dog,
+        })
+    }
+
+    #[allow(clippy::type_complexity)]
+    fn negotiate(
+        mut fe: Frontend,
+        dog: &Watchdog,
+        _socket: &Path,
+        opts: FrontendOpts,
+        prev: Option<Detached>,
+    ) -> Result<
+        (
+            Frontend,
+            GuestMem,
+            Vec<VirtQueue>,
+            u64,
+            u64,
+            VhostUserProtocolFeatures,
+            VhostUserProtocolFeatures,
+            u64,
+            FrontendOpts,
+        ),
+        String,
+    > {
+        let _armed = dog.arm();
         fe.set_owner().map_err(|e| verr("SET_OWNER", e))?;
         let features = fe.get_features().map_err(|e| verr("GET_FEATURES", e))?;
         if features & F_PROTOCOL_FEATURES == 0 {
@@ -247,16 +319,9 @@ impl RawFrontend {
             }
         };
 
-        let regions: Vec<VhostUserMemoryRegionInfo> = mem
-            .regions
-            .iter()
-            .map(|r| VhostUserMemoryRegionInfo {
-                guest_phys_addr: r.gpa,
-                memory_size: r.size,
-                userspace_addr: r.host as u64,
-                mmap_offset: 0,
-                mmap_handle: r.fd(),
-            })
+        let regions: Vec<VhostUserMemoryRegionInfo> = (0..mem.regions.len())
+            .take(opts.initial_regions.unwrap_or(usize::MAX))
+            .map(|i| region_info(&mem, i))
             .collect();
         if opts.add_mem_reg {
             for r in &regions {
@@ -295,7 +360,7 @@ impl RawFrontend {
             fe.set_vring_enable(i, true)
                 .map_err(|e| verr("SET_VRING_ENABLE", e))?;
         }
-        Ok(RawFrontend {
+        Ok((
             fe,
             mem,
             queues,
@@ -305,8 +370,44 @@ impl RawFrontend {
             acked_protocol,
             queue_num,
             opts,
-            timeout: DEFAULT_TIMEOUT,
-        })
+        ))
+    }
+
+    /// Run one vhost-user exchange under the watchdog.
+    pub fn msg<T>(
+        &mut self,
+        what: &str,
+        f: impl FnOnce(&mut Frontend) -> vhost::Result<T>,
+    ) -> Result<T, String> {
+        let _armed = self.dog.arm();
+        let r = f(&mut self.fe);
+        match r {
+            Ok(v) => Ok(v),
+            Err(e) if self.dog.fired() => Err(format!(
+                "{what}: no reply from the daemon within {:?} ({e:?})",
+                self.dog.timeout()
+            )),
+            Err(e) => Err(verr(what, e)),
+        }
+    }
+
+    /// ADD_MEM_REG for region `i` of the guest memory.
+    pub fn add_region(&mut self, i: usize) -> Result<(), String> {
+        let r = region_info(&self.mem, i);
+        self.msg("ADD_MEM_REG", |fe| fe.add_mem_region(&r).map(|_| ()))
+    }
+
+    /// REM_MEM_REG for region `i` of the guest memory.
+    pub fn remove_region(&mut self, i: usize) -> Result<(), String> {
+        let r = region_info(&self.mem, i);
+        self.msg("REM_MEM_REG", |fe| fe.remove_mem_region(&r))
+    }
+
+    /// SET_MEM_TABLE with the given regions of the guest memory.
+    pub fn set_mem_table(&mut self, which: &[usize]) -> Result<(), String> {
+        let regions: Vec<VhostUserMemoryRegionInfo> =
+            which.iter().map(|&i| region_info(&self.mem, i)).collect();
+        self.msg("SET_MEM_TABLE", |fe| fe.set_mem_table(&regions).map(|_| ()))
     }
 
     pub fn has_feature(&self, b: u32) -> bool {
@@ -315,10 +416,10 @@ impl RawFrontend {
 
     pub fn get_config(&mut self, offset: u32, size: u32) -> Result<Vec<u8>, String> {
         let buf = vec![0u8; size as usize];
-        self.fe
-            .get_config(offset, size, VhostUserConfigFlags::WRITABLE, &buf)
-            .map(|(_, data)| data)
-            .map_err(|e| verr("GET_CONFIG", e))
+        self.msg("GET_CONFIG", |fe| {
+            fe.get_config(offset, size, VhostUserConfigFlags::WRITABLE, &buf)
+                .map(|(_, data)| data)
+        })
     }
 
     pub fn config(&mut self) -> BlkConfig {
@@ -326,15 +427,13 @@ impl RawFrontend {
     }
 
     pub fn set_config(&mut self, offset: u32, data: &[u8]) -> Result<(), String> {
-        self.fe
-            .set_config(offset, VhostUserConfigFlags::WRITABLE, data)
-            .map_err(|e| verr("SET_CONFIG", e))
+        self.msg("SET_CONFIG", |fe| {
+            fe.set_config(offset, VhostUserConfigFlags::WRITABLE, data)
+        })
     }
 
     pub fn get_vring_base(&mut self, q: usize) -> Result<u32, String> {
-        self.fe
-            .get_vring_base(q)
-            .map_err(|e| verr("GET_VRING_BASE", e))
+        self.msg("GET_VRING_BASE", |fe| fe.get_vring_base(q))
     }
 
     // ---- descriptor chains -------------------------------------------------------------

@@ -111,6 +111,9 @@ pub fn write_indirect_table(mem: &mut GuestMem, descs: &[Desc]) -> (u64, u32) {
     (gpa, len as u32)
 }
 
+/// Used lengths of the awaited heads, and other completions seen meanwhile.
+pub type HeadsDone = (HashMap<u16, u32>, Vec<(u16, u32)>);
+
 pub struct VirtQueue {
     pub index: usize,
     pub size: u16,
@@ -135,6 +138,8 @@ pub struct VirtQueue {
     /// Used entries whose id was not an outstanding head.
     pub bogus_ids: Vec<u32>,
     pub kicks: u64,
+    /// Never kick (to leave requests on the ring unnoticed).
+    pub suppress_kick: bool,
 }
 
 impl VirtQueue {
@@ -161,6 +166,7 @@ impl VirtQueue {
             missed_notifications: 0,
             bogus_ids: Vec::new(),
             kicks: 0,
+            suppress_kick: false,
         }
     }
 
@@ -239,7 +245,7 @@ impl VirtQueue {
         } else {
             true
         };
-        if kick {
+        if kick && !self.suppress_kick {
             self.kick.write(1).unwrap();
             self.kicks += 1;
             self.force_kick = false;
@@ -254,6 +260,11 @@ impl VirtQueue {
         let v = mem.read_u16(self.used + 2);
         fence(Ordering::Acquire);
         v
+    }
+
+    /// Consume whatever is in the used ring now, without waiting or notifications.
+    pub fn collect_now(&mut self, mem: &GuestMem) -> Vec<(u16, u32)> {
+        self.collect(mem)
     }
 
     fn collect(&mut self, mem: &GuestMem) -> Vec<(u16, u32)> {
@@ -332,7 +343,7 @@ impl VirtQueue {
         mem: &GuestMem,
         heads: &[u16],
         timeout: Duration,
-    ) -> Result<(HashMap<u16, u32>, Vec<(u16, u32)>), String> {
+    ) -> Result<HeadsDone, String> {
         let deadline = Instant::now() + timeout;
         let mut done = HashMap::new();
         let mut others = Vec::new();
