@@ -47,6 +47,8 @@ export VUBLK_LOG_TAG=guest-smoke
 HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 # shellcheck source-path=SCRIPTDIR source=lib/common.sh
 source "$HERE/lib/common.sh"
+# shellcheck source-path=SCRIPTDIR source=lib/guest-lib.sh
+source "$HERE/lib/guest-lib.sh"
 ROOT=$(repo_root)
 GUEST_DIR=$ROOT/target/guest
 
@@ -70,9 +72,6 @@ ro      1 128 512  writeback    1 0
 
 usage() { sed -n '2,/^set -euo/p' "$0" | sed '$d' | sed 's/^# \{0,1\}//'; }
 
-# Exit 2 for setup problems (something missing), 1 for failed checks.
-setup_die() { printf '[%s] SETUP ERROR: %s\n' "$VUBLK_LOG_TAG" "$*" >&2; exit 2; }
-
 while [[ $# -gt 0 ]]; do
     case $1 in
         --backend) BACKEND=${2:?--backend needs a value}; shift 2 ;;
@@ -95,22 +94,6 @@ RUN_DIR=""
 QEMU_PID=""
 BACKEND_PID=""
 OVERALL_OK=0
-
-stop_pid() { # stop_pid PID NAME: SIGTERM, wait up to 10 s, then SIGKILL
-    local pid=$1 i
-    [[ -n "$pid" ]] || return 0
-    kill -0 "$pid" 2>/dev/null || return 0
-    kill -TERM "$pid" 2>/dev/null || true
-    for ((i = 0; i < 100; i++)); do
-        kill -0 "$pid" 2>/dev/null || break
-        sleep 0.1
-    done
-    if kill -0 "$pid" 2>/dev/null; then
-        log "$2 (pid $pid) ignored SIGTERM for 10 s: SIGKILL"
-        kill -KILL "$pid" 2>/dev/null || true
-    fi
-    wait "$pid" 2>/dev/null || true
-}
 
 # shellcheck disable=SC2317 # invoked through trap
 cleanup() {
@@ -139,28 +122,11 @@ RUN_DIR=$(mktemp -d "${TMPDIR:-/tmp}/vublk-smoke.XXXXXX")
 export VUBLK_APT_MARK=$RUN_DIR/.apt-updated
 T0=$(date +%s)
 
-if [[ "$NO_INSTALL" == 1 ]]; then
-    command -v qemu-system-x86_64 >/dev/null || setup_die "qemu-system-x86_64 not found (VUBLK_NO_INSTALL=1; see integration/lib/install-deps.sh)"
-else
-    "$HERE/lib/install-deps.sh" || setup_die "installing host packages failed (see above)"
-fi
-"$HERE/lib/build-guest.sh" "$GUEST_DIR" || setup_die "building the guest failed (see above)"
-[[ -f $GUEST_DIR/vmlinuz && -f $GUEST_DIR/initrd.img ]] || setup_die "guest kernel or initramfs missing in $GUEST_DIR"
-qemu-system-x86_64 -device help 2>/dev/null | grep -q '"vhost-user-blk-pci"' ||
-    setup_die "this qemu-system-x86_64 has no vhost-user-blk-pci device"
+guest_setup
 
 case $BACKEND in
     vublk)
-        VUBLK_BIN=${VUBLK_BIN:-}
-        if [[ -z "$VUBLK_BIN" ]]; then
-            VUBLK_BIN=$ROOT/target/release/vublk
-            if [[ ! -x "$VUBLK_BIN" ]]; then
-                log "building vublk: cargo build --release"
-                (cd "$ROOT" && cargo build --release) >&2 || setup_die "cargo build --release failed: no vublk binary to test"
-            fi
-        fi
-        [[ -x "$VUBLK_BIN" ]] || setup_die "vublk binary '$VUBLK_BIN' not found or not executable"
-        "$VUBLK_BIN" serve --help >/dev/null 2>&1 || setup_die "'$VUBLK_BIN serve --help' failed: the binary has no working 'serve' command"
+        resolve_vublk_bin "$ROOT"
         ;;
     qsd)
         QSD_BIN=${VUBLK_QSD_BIN:-$(command -v qemu-storage-daemon || true)}
@@ -169,46 +135,6 @@ case $BACKEND in
 esac
 
 # ---------------------------------------------------------------- accelerator
-# Console text without escape sequences and carriage returns.
-console_text() { sed 's/\x1b\[[0-9;?]*[a-zA-Z]//g' "$1" | tr -d '\r' | tr -cd '[:print:]\n'; }
-
-qemu_cpu_args() { if [[ $1 == kvm ]]; then echo "-cpu host"; fi; }
-
-detect_accel() {
-    if [[ "$ACCEL_REQ" != auto ]]; then
-        echo "$ACCEL_REQ"
-        return
-    fi
-    if [[ ! -c /dev/kvm || ! -r /dev/kvm || ! -w /dev/kvm ]]; then
-        log "accel: no usable /dev/kvm: tcg"
-        echo tcg
-        return
-    fi
-    # /dev/kvm may exist without being able to run an ordinary guest (nested,
-    # paging-only): boot the real test kernel with KVM; it must report back.
-    local key cache=$GUEST_DIR/accel.cache
-    key="$(cat /proc/sys/kernel/random/boot_id 2>/dev/null) $(qemu-system-x86_64 --version | head -n1) $(cat "$GUEST_DIR/guest.stamp")"
-    if [[ -f $cache && "$(sed -n 1p "$cache")" == "$key" ]]; then
-        local cached
-        cached=$(sed -n 2p "$cache")
-        log "accel: $cached (cached probe result for this boot)"
-        echo "$cached"
-        return
-    fi
-    local out=$RUN_DIR/kvm-probe.log result=tcg
-    # shellcheck disable=SC2046
-    timeout --kill-after=5 "${VUBLK_KVM_PROBE_TIMEOUT:-20}" qemu-system-x86_64 -machine q35 -accel kvm $(qemu_cpu_args kvm) \
-        -smp 1 -m 256M -kernel "$GUEST_DIR/vmlinuz" -initrd "$GUEST_DIR/initrd.img" \
-        -append 'console=ttyS0 quiet panic=-1 vublk.mode=probe' -nographic -no-reboot </dev/null >"$out" 2>&1 || true
-    if grep -q 'VUBLK-PROBE ok' "$out"; then result=kvm; fi
-    if [[ $result == kvm ]]; then
-        log "accel: KVM probe guest booted: kvm"
-    else
-        log "accel: KVM probe guest did not report back within ${VUBLK_KVM_PROBE_TIMEOUT:-20}s ($(console_text "$out" | grep -a -m1 'qemu-system' || echo 'no error printed')): tcg"
-    fi
-    printf '%s\n%s\n' "$key" "$result" >"$cache"
-    echo "$result"
-}
 ACCEL=$(detect_accel)
 
 # ---------------------------------------------------------------- one configuration
@@ -219,26 +145,6 @@ WZ_OFF=$((160 * MiB)) WZ_LEN=$((1 * MiB))
 WR_OFF=$((192 * MiB))  # the guest writes its pattern here; the host compares
 PAT_SECTORS=2048       # 1 MiB patterns
 FIO_SIZE=32M           # per job; jobs = queues, at 32M apart (below RD_OFF)
-
-declare -a FAILS=()
-cfg_fail() { FAILS+=("$*"); log "FAIL: $*"; }
-
-wait_socket() { # wait_socket SOCK PID LOG SECONDS
-    local i
-    for ((i = 0; i < $4 * 10; i++)); do
-        [[ -S $1 ]] && return 0
-        if ! kill -0 "$2" 2>/dev/null; then
-            local rc=0
-            wait "$2" 2>/dev/null || rc=$?
-            BACKEND_PID=""
-            cfg_fail "backend exited (status $rc) before creating its socket; its log: $(tail -n 5 "$3" | tr '\n' '|')"
-            return 1
-        fi
-        sleep 0.1
-    done
-    cfg_fail "backend did not create socket $1 within $4 s"
-    return 1
-}
 
 start_backend() { # start_backend NAME Q QS LBS WC RO CREATE IMG SOCK LOG
     local name=$1 q=$2 qs=$3 lbs=$4 wc=$5 ro=$6 create=$7 img=$8 sock=$9 blog=${10}
@@ -283,7 +189,7 @@ run_config() {
     if [[ $ro == 1 ]]; then discard=any; wz=any; wc_seen=any; fi
     declare -A want=(
         [size_sectors]=$((size / 512)) [logical_block_size]=$lbs [nr_queues]=$q
-        [read_only]=$ro [serial]=$serial [fio_rc]=0 [queues_used]=$q
+        [read_only]=$ro [serial]=$serial [fio_rc]=0 [queues_used]=$q [guest_io_errors]=0
     )
     case $wc_seen in
         writeback) want[write_cache]="write back" ;;
@@ -349,43 +255,11 @@ run_config() {
     local qrc=0
     wait "$QEMU_PID" || qrc=$?
     QEMU_PID=""
-    console_text "$con" | grep -ao 'VUBLK-[A-Z]*.*' >"$dir/report.txt" || true
-    sed 's/^/    /' "$dir/report.txt" >&2
+    report_from_console "$con" "$dir/report.txt"
 
     # --- host-side judgement
-    if [[ $qrc == 124 || $qrc == 137 ]]; then
-        cfg_fail "timeout: the guest did not finish within ${GUEST_TIMEOUT}s; last guest line: '$(tail -n1 "$dir/report.txt")'; console tail: $(console_text "$con" | grep -av '^\s*$' | tail -n 3 | tr '\n' '|')"
-    elif [[ $qrc != 0 ]]; then
-        cfg_fail "qemu exited with status $qrc: $(console_text "$con" | grep -a 'qemu-system' | tail -n 3 | tr '\n' '|')"
-    fi
-    local result l
-    declare -A guest_failed=()
-    result=$(grep -a '^VUBLK-RESULT ' "$dir/report.txt" | tail -n1 || true)
-    while IFS= read -r l; do
-        l=${l#VUBLK-FAIL }
-        guest_failed[${l%% *}]=1
-        cfg_fail "${l%% *}: ${l#* }"
-    done < <(grep -a '^VUBLK-FAIL ' "$dir/report.txt")
-    if [[ -z "$result" ]]; then
-        cfg_fail "guest printed no VUBLK-RESULT line (see $con)"
-    elif [[ "$result" != "VUBLK-RESULT PASS" && ${#guest_failed[@]} -eq 0 ]]; then
-        cfg_fail "guest: ${result#VUBLK-}"
-    fi
-    # The host re-checks every value (a broken /init cannot pass by omission).
-    local k got
-    for k in "${!want[@]}"; do
-        [[ -n "${guest_failed[$k]:-}" ]] && continue
-        if [[ $k == write_rejected ]]; then
-            grep -aqx 'VUBLK-OK write_rejected' "$dir/report.txt" || cfg_fail "write_rejected: guest did not confirm that writes to the read-only disk fail"
-            continue
-        fi
-        if ! got=$(grep -a "^VUBLK-CHECK $k=" "$dir/report.txt" | tail -n1); then
-            [[ -n "$result" ]] && cfg_fail "$k: the guest did not report it"
-            continue
-        fi
-        got=${got#"VUBLK-CHECK $k="}
-        [[ "$got" == "${want[$k]}" ]] || cfg_fail "$k: guest saw '$got', expected '${want[$k]}'"
-    done
+    judge_report "$dir/report.txt" "$con" "$qrc" "$GUEST_TIMEOUT" want
+    local result=$GUEST_RESULT
     if [[ $ro != 1 && -n "$result" ]]; then
         make_pattern guest "$PAT_SECTORS" >"$dir/guest-pattern.bin"
         if ! cmp -s "$dir/guest-pattern.bin" <(dd if="$img" bs=1M skip=$((WR_OFF / MiB)) count=1 status=none); then
@@ -400,24 +274,9 @@ run_config() {
     fi
 
     # backend: must have survived the guest and must stop cleanly on SIGTERM
-    if ! kill -0 "$BACKEND_PID" 2>/dev/null; then
-        local brc=0
-        wait "$BACKEND_PID" 2>/dev/null || brc=$?
-        cfg_fail "backend_alive: the backend exited (status $brc) during the test; its log: $(tail -n 5 "$blog" | tr '\n' '|')"
-    else
-        kill -TERM "$BACKEND_PID"
-        local i brc=0
-        for ((i = 0; i < 100; i++)); do
-            kill -0 "$BACKEND_PID" 2>/dev/null || break
-            sleep 0.1
-        done
-        if kill -0 "$BACKEND_PID" 2>/dev/null; then
-            cfg_fail "backend_sigterm: the backend was still running 10 s after SIGTERM"
-            kill -KILL "$BACKEND_PID" 2>/dev/null || true
-        fi
-        wait "$BACKEND_PID" 2>/dev/null || brc=$?
-        [[ $brc == 0 ]] || cfg_fail "backend_sigterm: the backend exited with status $brc after SIGTERM; its log: $(tail -n 5 "$blog" | tr '\n' '|')"
-    fi
+    local gone=""  # vublk removes its socket on exit
+    [[ $BACKEND == vublk ]] && gone=$sock
+    stop_backend_checked "$BACKEND_PID" "$blog" backend "$gone" || true
     BACKEND_PID=""
 
     t1=$(date +%s)
