@@ -317,6 +317,10 @@ impl QueueWorker {
         let Some(vring) = self.vring.clone() else {
             return;
         };
+        let pending = self.engine.in_flight();
+        if pending > 0 {
+            log::info!("queue {}: finishing {pending} in-flight requests", self.index);
+        }
         let mut waited_s = 0;
         while self.engine.in_flight() > 0 {
             match wait_readable(self.engine.completion_fd(), 1000) {
