@@ -259,8 +259,8 @@ run() {
     t=$(now_s)
     # fio's own check of every block it wrote, against the image file (same job,
     # same offsets and seeds: randrepeat is on by default).
-    if fio "${FIO_JOB[@]}" --filename="$IMG" --ioengine=psync --verify_only --verify_fatal=1 \
-        --output="$RUN_DIR/host-verify.txt" >/dev/null 2>&1; then
+    if (cd "$RUN_DIR" && fio "${FIO_JOB[@]}" --filename="$IMG" --ioengine=psync --verify_only --verify_fatal=1 \
+        --verify_state_save=0 --output="$RUN_DIR/host-verify.txt" >/dev/null 2>&1); then
         STEP_TIMES+=("host fio --verify_only of the image: $(($(now_s) - t)) s")
     else
         cfg_fail "image_fio_verify: fio --verify_only on the image found bad blocks: $(grep -a -m3 -iE 'verify|bad|crc' "$RUN_DIR/host-verify.txt" | tr '\n' '|')"

@@ -8,11 +8,15 @@
 #     exact version is requested from it.
 #   * fio (its binary and shared libraries are copied into the guest), cpio,
 #     xz-utils, zstd (initramfs building, module decompression and compression).
+#   * with --libvirt: libvirt-daemon, libvirt-daemon-driver-qemu and
+#     libvirt-clients (libvirt-guest.sh), at the default candidate (bookworm:
+#     9.0). A dry run (apt-get -s) must show that nothing is removed and that
+#     no qemu package is installed or upgraded; otherwise nothing is installed.
 # busybox-static and the kernel are not installed: build-guest.sh downloads
 # and unpacks their .deb files into target/guest/.
 #
-# Usage: integration/lib/install-deps.sh      (idempotent; root needed only
-#        when something is missing)
+# Usage: integration/lib/install-deps.sh [--libvirt]   (idempotent; root
+#        needed only when something is missing)
 set -euo pipefail
 export VUBLK_LOG_TAG=install-deps
 # shellcheck source-path=SCRIPTDIR source=common.sh
@@ -108,10 +112,49 @@ install_plain() {
         die "apt-get install ${missing[*]} failed"
 }
 
+# libvirt's daemon and QEMU driver, without touching the installed QEMU.
+install_libvirt() {
+    local pkgs=(libvirt-daemon libvirt-daemon-driver-qemu libvirt-clients) missing=() p
+    for p in "${pkgs[@]}"; do
+        [[ -n "$(pkg_version "$p")" ]] || missing+=("$p")
+    done
+    if [[ ${#missing[@]} -eq 0 ]]; then
+        log "libvirt $(pkg_version libvirt-daemon) already installed"
+        return 0
+    fi
+    need_root "installing ${missing[*]}"
+    apt_update_once
+    local sim bad utils_before sys_before
+    sim=$(apt-get -s install --no-install-recommends "${missing[@]}" 2>&1) ||
+        die "apt-get -s install ${missing[*]} failed: $(tail -n 3 <<<"$sim" | tr '\n' ' ')"
+    bad=$(grep -E '^(Remv|Purg) |^Inst qemu' <<<"$sim" || true)
+    [[ -z "$bad" ]] ||
+        die "installing ${missing[*]} would change QEMU or remove packages; not installing. apt-get -s says: $(tr '\n' ';' <<<"$bad")"
+    utils_before=$(pkg_version qemu-utils)
+    sys_before=$(pkg_version qemu-system-x86)
+    log "installing ${missing[*]} (dry run: nothing removed, QEMU untouched)"
+    apt-get install -y -q --no-install-recommends "${missing[@]}" >/dev/null || die "apt-get install ${missing[*]} failed"
+    [[ "$(pkg_version qemu-utils)" == "$utils_before" && "$(pkg_version qemu-system-x86)" == "$sys_before" ]] ||
+        die "installing libvirt changed QEMU: qemu-utils $utils_before -> $(pkg_version qemu-utils), qemu-system-x86 $sys_before -> $(pkg_version qemu-system-x86)"
+}
+
 main() {
+    local libvirt=0
+    while [[ $# -gt 0 ]]; do
+        case $1 in
+            --libvirt) libvirt=1; shift ;;
+            *) die "unknown argument '$1' (usage: install-deps.sh [--libvirt])" ;;
+        esac
+    done
     command -v apt-get >/dev/null || die "apt-get not found: this test expects a Debian-based host"
     install_qemu_system
     install_plain fio cpio xz-utils zstd
+    if [[ $libvirt == 1 ]]; then
+        install_libvirt
+        command -v libvirtd >/dev/null || die "libvirtd still missing after installing libvirt-daemon"
+        command -v virsh >/dev/null || die "virsh still missing after installing libvirt-clients"
+        log "libvirt:            $(libvirtd --version)"
+    fi
     command -v qemu-system-x86_64 >/dev/null || die "qemu-system-x86_64 still missing after install"
     log "qemu-system-x86_64: $(qemu-system-x86_64 --version | head -n1)"
     log "qemu-img:           $(qemu-img --version | head -n1)"
