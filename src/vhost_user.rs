@@ -13,7 +13,7 @@ use log::Level;
 use vhost::vhost_user::message::{VhostUserProtocolFeatures, VhostUserVirtioFeatures};
 use vhost_user_backend::{VhostUserBackend, VringRwLock, VringT};
 use virtio_bindings::virtio_blk::{VIRTIO_BLK_F_FLUSH, VIRTIO_BLK_S_IOERR, VIRTIO_BLK_S_OK};
-use virtio_queue::QueueT;
+use virtio_queue::{QueueOwnedT, QueueT};
 use vm_memory::{GuestAddress, GuestAddressSpace, GuestMemoryAtomic, GuestMemoryMmap};
 use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::event::{
@@ -81,6 +81,9 @@ struct QueueWorker {
     throttled: bool,
     /// The daemon is shutting down: take no new requests.
     stopping: bool,
+    /// The driver broke the ring (e.g. an avail index beyond its size): take nothing from it
+    /// until the frontend stops and restarts it.
+    broken: bool,
 }
 
 impl QueueWorker {
@@ -131,10 +134,24 @@ impl QueueWorker {
             let chain = {
                 let mut state = vring.get_mut();
                 let queue = state.get_queue_mut();
-                if !queue.ready() {
+                if !queue.ready() || self.broken {
                     return PassEnd::Stopped;
                 }
-                queue.pop_descriptor_chain(mem.clone())
+                // Not `pop_descriptor_chain`: it logs every failure itself, unlimited, and
+                // its failures (an avail index the guest set beyond the ring, a ring outside
+                // guest memory) repeat on every kick.
+                match queue.iter(mem.clone()) {
+                    Ok(mut avail) => avail.next(),
+                    Err(e) => {
+                        guest_log!(
+                            Level::Warn,
+                            "queue {}: cannot read the available ring ({e}); the queue stops until the frontend sets it up again",
+                            self.index
+                        );
+                        self.broken = true;
+                        return PassEnd::Stopped;
+                    }
+                }
             };
             let Some(chain) = chain else {
                 return PassEnd::Drained;
@@ -357,6 +374,7 @@ impl BlkBackend {
                 completions: Vec::new(),
                 throttled: false,
                 stopping: false,
+                broken: false,
             }));
         }
         Ok(BlkBackend {
@@ -476,7 +494,10 @@ impl VhostUserBackend for BlkBackend {
 
     fn stop_vring(&self, queue_index: u32) -> io::Result<()> {
         if let Some(w) = self.workers.get(queue_index as usize) {
-            lock(w).drain(&self.dev);
+            let mut w = lock(w);
+            w.drain(&self.dev);
+            // A restarted ring gets a fresh chance.
+            w.broken = false;
         }
         Ok(())
     }

@@ -600,3 +600,41 @@ fn bad_discard_and_write_zeroes_payloads() {
     assert_eq!(o.status, Some(S_IOERR), "DISCARD beyond the disk: {o:?}");
     e.after(0, "bad discard payloads");
 }
+
+#[test]
+fn avail_index_beyond_the_ring_stops_only_that_queue() {
+    let mut e = env();
+    // The driver claims more new requests than the ring holds, and keeps kicking.
+    let q = &e.fe.queues[0];
+    let bogus = q.avail_idx.wrapping_add(q.size + 1);
+    e.fe.mem.write_u16(q.avail + 2, bogus);
+    for _ in 0..2000 {
+        e.fe.queues[0].kick.write(1).unwrap();
+    }
+    std::thread::sleep(std::time::Duration::from_millis(300));
+    // The other queue serves as before.
+    e.after(1, "bogus avail index on queue 0");
+    // The daemon still answers the frontend: stopping the broken ring completes.
+    let mut det = e.fe.detach().unwrap();
+    let log = e.d.stderr_text();
+    let lines = log.lines().count();
+    assert!(
+        lines < 60,
+        "a broken ring flooded the log ({lines} lines):\n{}",
+        e.d.stderr_excerpt(20, 20)
+    );
+    assert!(
+        log.contains("cannot read the available ring"),
+        "the broken ring was not reported:\n{}",
+        e.d.stderr_excerpt(20, 20)
+    );
+    // Set up again from the base the daemon reported, the queue works again.
+    let base = det.bases[0] as u16;
+    det.queues[0].avail_idx = base;
+    det.mem.write_u16(det.queues[0].avail + 2, base);
+    for q in &mut det.queues {
+        q.force_kick = true;
+    }
+    e.fe = RawFrontend::attach(&e.d.socket, FrontendOpts::default(), det).unwrap();
+    e.after(0, "queue 0 after it was set up again");
+}
