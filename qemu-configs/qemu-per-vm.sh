@@ -21,7 +21,9 @@ PIDFILE=$RUN/vm1.pid
 VUBLK_ARGS=(--socket-path "$SOCK" --blk-file "$IMG" --size 10G --queues 2 --queue-size 256 --serial vm1-disk0)
 
 mkdir -p "$RUN"
-vublk "${VUBLK_ARGS[@]}" --pidfile "$PIDFILE" &
+# In its own session, so a Ctrl-C meant for QEMU does not reach vublk too: the trap below
+# stops it once, after QEMU (a second signal would make vublk exit without cleaning up).
+setsid vublk "${VUBLK_ARGS[@]}" --pidfile "$PIDFILE" &
 vublk_pid=$!
 trap 'kill -TERM "$vublk_pid" 2>/dev/null; wait "$vublk_pid"' EXIT
 

@@ -711,8 +711,8 @@ fn attach_spec(args: &AttachInfoArgs) -> Result<AttachSpec> {
     let e = &args.export;
     if e.fd.is_some() && e.socket.is_none() {
         anyhow::bail!(
-            "attach-info needs the socket's path: give --socket-path PATH (the path the socket \
-             passed as --fd is bound to)"
+            "attach-info needs the socket's path: give --socket-path PATH (the path of the \
+             socket passed as --fd) instead of --fd"
         );
     }
     let socket = e
