@@ -557,7 +557,8 @@ fn serve(args: ServeArgs, mode: Mode) -> Result<()> {
     // Fail on a bad descriptor or a live pid file before any image is created.
     let inherited = args.fd.map(server::listener_from_fd).transpose()?;
     let pidfile = args.pidfile.as_deref().map(PidFile::claim).transpose()?;
-    if args.file.is_none() || (args.socket.is_none() && args.fd.is_none()) {
+    // Only the built-in default's files live in the data directory.
+    if r.builtin || (args.socket.is_none() && args.fd.is_none()) {
         std::fs::create_dir_all(&args.data_dir)
             .with_context(|| format!("cannot create data directory {}", args.data_dir.display()))?;
     }
