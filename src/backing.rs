@@ -154,7 +154,7 @@ impl Backing {
                 meta.len(),
                 512,
                 physical.next_power_of_two(),
-                (meta.dev(), meta.ino()),
+                identity_of(&meta),
             )
         } else if ft.is_block_device() {
             let size = block_device_size(&file).map_err(query)?;
@@ -164,7 +164,7 @@ impl Backing {
                 size,
                 logical,
                 physical,
-                (meta.rdev(), 0),
+                identity_of(&meta),
             )
         } else {
             return Err(BackingError::UnsupportedType(path.into()));
@@ -268,7 +268,7 @@ impl Backing {
         self.physical_block
     }
 
-    /// A stable identity of the backing: (device, inode) of a file, (rdev, 0) of a device.
+    /// A stable identity of the backing: see [`identity_of`].
     pub fn identity(&self) -> (u64, u64) {
         self.identity
     }
@@ -545,6 +545,16 @@ pub(crate) fn block_device_block_sizes(file: &File) -> io::Result<(u32, u32)> {
     }
     let logical = (logical as u32).max(512);
     Ok((logical, physical.max(logical)))
+}
+
+/// The identity an image or device has as a backing (the default serial derives from it):
+/// (device, inode) of a file, (rdev, 0) of a block device.
+pub fn identity_of(meta: &std::fs::Metadata) -> (u64, u64) {
+    if meta.file_type().is_block_device() {
+        (meta.rdev(), 0)
+    } else {
+        (meta.dev(), meta.ino())
+    }
 }
 
 #[cfg(test)]

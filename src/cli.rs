@@ -1,6 +1,8 @@
 //! The command line: clap definitions and their translation into library configuration.
 
+use std::ffi::OsString;
 use std::io::IsTerminal;
+use std::os::unix::net::UnixListener;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
@@ -8,24 +10,43 @@ use std::time::Duration;
 use anyhow::{Context, Result};
 use clap::{Parser, Subcommand, ValueEnum};
 
+use vublk::attach::{self, AttachSpec};
 use vublk::backing::{self, Backing};
 use vublk::bench::{self, RwMode, VerifyPhase};
+use vublk::blk::default_serial;
 use vublk::caps::KernelCaps;
 use vublk::engine::EngineKind;
 use vublk::export::{Export, ExportConfig};
 use vublk::policy::{self, Choice, DirectRequest, EngineRequest, Refusal, Request};
 use vublk::probe::{self, ProbeReport};
-use vublk::server::{self, SocketConfig};
+use vublk::readiness::{self, PidFile};
+use vublk::server::{self, Server, SocketConfig};
 
 /// Size of the image the built-in default creates.
 const DEFAULT_IMAGE_SIZE: u64 = 1 << 30;
 
 /// vublk: a vhost-user-blk server for QEMU and other VMMs.
+///
+/// Without a subcommand vublk follows QEMU's vhost-user backend program conventions and
+/// serves: `vublk --socket-path=PATH --blk-file=IMG [serve options]`, or `--fd=N` for a
+/// listening socket it inherits.
 #[derive(Debug, Parser)]
-#[command(name = "vublk", version, about)]
+#[command(
+    name = "vublk",
+    version,
+    about,
+    long_about,
+    args_conflicts_with_subcommands = true
+)]
 pub struct Cli {
+    /// Print the vhost-user backend capabilities as JSON and exit (other options are ignored).
+    #[arg(long)]
+    pub print_capabilities: bool,
+    /// Serve options, when no subcommand is given.
+    #[command(flatten)]
+    pub serve: ServeArgs,
     #[command(subcommand)]
-    pub command: Command,
+    pub command: Option<Command>,
 }
 
 #[derive(Debug, Subcommand)]
@@ -43,6 +64,44 @@ pub enum Command {
     /// Load-test or verify any vhost-user-blk backend (vublk, qemu-storage-daemon, ...)
     /// without a VM: fio-like workloads through libblkio, results as one line or JSON.
     Bench(BenchArgs),
+    /// Print how to attach an export: the libvirt <disk> element or the QEMU arguments.
+    ///
+    /// Give it the same options as `serve` (the ones that do not matter here are accepted and
+    /// ignored). Nothing is served and no image is created.
+    AttachInfo(AttachInfoArgs),
+}
+
+/// What `vublk attach-info` prints.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum AttachFormat {
+    /// The libvirt <disk type='vhostuser'> element.
+    Libvirt,
+    /// A minimal complete libvirt domain (shared memfd memory and the disk).
+    LibvirtDomain,
+    /// QEMU arguments, one per line (for `mapfile -t`).
+    Qemu,
+}
+
+#[derive(Debug, clap::Args)]
+pub struct AttachInfoArgs {
+    /// The export, as given to `serve`.
+    #[command(flatten)]
+    pub export: ServeArgs,
+    /// Output format.
+    #[arg(long, value_enum, default_value_t = AttachFormat::Libvirt)]
+    pub format: AttachFormat,
+    /// Guest RAM: the size of the shared memory backend (QEMU) or domain (libvirt-domain).
+    #[arg(long, value_name = "SIZE", default_value = "1G", value_parser = parse_size)]
+    pub memory: u64,
+    /// The disk's device name in the guest, for libvirt.
+    #[arg(long, value_name = "DEV", default_value = "vda", value_parser = parse_target_dev)]
+    pub target_dev: String,
+    /// QEMU id of the chardev; unique per disk of one VM.
+    #[arg(long, default_value = "vublk0", value_parser = parse_qemu_id)]
+    pub id: String,
+    /// Domain name, for --format libvirt-domain.
+    #[arg(long, default_value = "vublk-vm")]
+    pub name: String,
 }
 
 /// How the I/O engine is chosen.
@@ -83,10 +142,14 @@ pub enum WriteCacheMode {
 #[derive(Debug, clap::Args)]
 pub struct ServeArgs {
     /// The vhost-user socket to listen on [default: DATA_DIR/vublk.sock].
-    #[arg(long, value_name = "PATH")]
+    #[arg(long, visible_alias = "socket-path", value_name = "PATH")]
     pub socket: Option<PathBuf>,
+    /// Serve the listening unix socket inherited as file descriptor N instead of creating one
+    /// (its path, if any, is not removed on exit).
+    #[arg(long, value_name = "N", conflicts_with = "socket")]
+    pub fd: Option<i32>,
     /// Raw image file or block device to serve [default: DATA_DIR/disk.img, 1 GiB].
-    #[arg(long, value_name = "IMG")]
+    #[arg(long, visible_alias = "blk-file", value_name = "IMG")]
     pub file: Option<PathBuf>,
     /// Create the image with this size (preallocated) if it does not exist, e.g. 10G, 512M.
     /// An existing image is never resized: a different size is an error.
@@ -128,6 +191,10 @@ pub struct ServeArgs {
     /// Directory for the built-in default's image and socket.
     #[arg(long, default_value = "vublk-data")]
     pub data_dir: PathBuf,
+    /// Write vublk's pid here once it serves, and remove it on exit. A pid file naming a live
+    /// process is refused; a stale one is replaced.
+    #[arg(long, value_name = "PATH")]
+    pub pidfile: Option<PathBuf>,
 }
 
 /// Runs longer than this get a progress line when stderr is a terminal.
@@ -271,6 +338,29 @@ fn parse_block_size(s: &str) -> Result<u32, String> {
     }
 }
 
+fn parse_target_dev(s: &str) -> Result<String, String> {
+    match s.strip_prefix("vd") {
+        Some(rest) if !rest.is_empty() && rest.bytes().all(|b| b.is_ascii_lowercase()) => {
+            Ok(s.into())
+        }
+        _ => Err(format!(
+            "{s:?} is not a virtio disk name such as vda or vdb"
+        )),
+    }
+}
+
+fn parse_qemu_id(s: &str) -> Result<String, String> {
+    let mut bytes = s.bytes();
+    let first_ok = bytes.next().is_some_and(|b| b.is_ascii_alphabetic());
+    if first_ok && bytes.all(|b| b.is_ascii_alphanumeric() || b"-._".contains(&b)) {
+        Ok(s.into())
+    } else {
+        Err(format!(
+            "{s:?} is not a QEMU id (a letter, then letters, digits, '-', '.', '_')"
+        ))
+    }
+}
+
 fn parse_mode(s: &str) -> Result<u32, String> {
     match u32::from_str_radix(s.trim_start_matches("0o"), 8) {
         Ok(m) if m <= 0o777 => Ok(m),
@@ -278,12 +368,45 @@ fn parse_mode(s: &str) -> Result<u32, String> {
     }
 }
 
-pub fn run(cli: Cli) -> Result<()> {
-    match cli.command {
-        Command::Serve(args) => serve(args),
-        Command::Probe(args) => probe_cmd(&args),
-        Command::Bench(args) => bench(args),
+/// Parses `args` and runs the command. `--print-capabilities` anywhere before `--` prints
+/// the capabilities and ends, whatever else is there (QEMU's backend conventions).
+pub fn run_from(args: impl IntoIterator<Item = OsString>) -> Result<()> {
+    let args: Vec<OsString> = args.into_iter().collect();
+    if wants_capabilities(&args) {
+        println!("{}", attach::capabilities());
+        return Ok(());
     }
+    run(Cli::parse_from(args))
+}
+
+fn wants_capabilities(args: &[OsString]) -> bool {
+    args.iter()
+        .skip(1)
+        .take_while(|a| *a != "--")
+        .any(|a| a == "--print-capabilities")
+}
+
+pub fn run(cli: Cli) -> Result<()> {
+    if cli.print_capabilities {
+        println!("{}", attach::capabilities());
+        return Ok(());
+    }
+    match cli.command {
+        None => serve(cli.serve, Mode::Backend),
+        Some(Command::Serve(args)) => serve(args, Mode::Serve),
+        Some(Command::Probe(args)) => probe_cmd(&args),
+        Some(Command::Bench(args)) => bench(args),
+        Some(Command::AttachInfo(args)) => attach_info(&args),
+    }
+}
+
+/// How serving was asked for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Mode {
+    /// `vublk serve`: the built-in default fills in what is missing.
+    Serve,
+    /// No subcommand (how QEMU and libvirt start a backend): socket and image are required.
+    Backend,
 }
 
 fn bench(args: BenchArgs) -> Result<()> {
@@ -372,12 +495,32 @@ fn probe_cmd(args: &ProbeArgs) -> Result<()> {
     d.choice.map(drop).map_err(Into::into)
 }
 
-fn serve(args: ServeArgs) -> Result<()> {
-    let builtin = args.file.is_none() && args.null.is_none();
-    if args.file.is_none() || args.socket.is_none() {
-        std::fs::create_dir_all(&args.data_dir)
-            .with_context(|| format!("cannot create data directory {}", args.data_dir.display()))?;
+/// Where the export's files are, once the built-in defaults are filled in.
+#[derive(Debug)]
+struct Resolved {
+    /// Image (or the name of the NULL device).
+    path: PathBuf,
+    /// Create the image with this size if it is missing.
+    create_size: Option<u64>,
+    /// The socket to create (`None` with `--fd`).
+    socket: Option<PathBuf>,
+    /// The built-in default is in use (print the QEMU hint).
+    builtin: bool,
+}
+
+/// Fills in the built-in defaults and refuses what is missing, before anything is created.
+fn resolve(args: &ServeArgs, mode: Mode) -> Result<Resolved> {
+    if mode == Mode::Backend {
+        if args.socket.is_none() && args.fd.is_none() {
+            anyhow::bail!(
+                "no socket: give --socket-path PATH or --fd N (or a subcommand: vublk --help)"
+            );
+        }
+        if args.file.is_none() && args.null.is_none() {
+            anyhow::bail!("no image: give --blk-file IMG (or --null SIZE)");
+        }
     }
+    let builtin = args.file.is_none() && args.null.is_none();
     let path = args
         .file
         .clone()
@@ -387,13 +530,41 @@ fn serve(args: ServeArgs) -> Result<()> {
         (None, true) => Some(DEFAULT_IMAGE_SIZE),
         (None, false) => None,
     };
-    let socket = args
-        .socket
-        .clone()
-        .unwrap_or_else(|| args.data_dir.join("vublk.sock"));
-    let export_config = |engine, direct| ExportConfig {
-        path: path.clone(),
+    if args.null.is_none() && create_size.is_none() && !path.exists() {
+        anyhow::bail!(
+            "{} does not exist; give --size SIZE to create it",
+            path.display()
+        );
+    }
+    let socket = match args.fd {
+        Some(_) => None,
+        None => Some(
+            args.socket
+                .clone()
+                .unwrap_or_else(|| args.data_dir.join("vublk.sock")),
+        ),
+    };
+    Ok(Resolved {
+        path,
         create_size,
+        socket,
+        builtin,
+    })
+}
+
+fn serve(args: ServeArgs, mode: Mode) -> Result<()> {
+    let r = resolve(&args, mode)?;
+    // Fail on a bad descriptor or a live pid file before any image is created.
+    let inherited = args.fd.map(server::listener_from_fd).transpose()?;
+    let pidfile = args.pidfile.as_deref().map(PidFile::claim).transpose()?;
+    // Only the built-in default's files live in the data directory.
+    if r.builtin || (args.socket.is_none() && args.fd.is_none()) {
+        std::fs::create_dir_all(&args.data_dir)
+            .with_context(|| format!("cannot create data directory {}", args.data_dir.display()))?;
+    }
+    let export_config = |engine, direct| ExportConfig {
+        path: r.path.clone(),
+        create_size: r.create_size,
         read_only: args.read_only,
         queues: args.queues,
         queue_size: args.queue_size,
@@ -414,9 +585,17 @@ fn serve(args: ServeArgs) -> Result<()> {
             &export_config(EngineKind::Null, false),
         )?
     } else {
-        open_export(&args, &path, create_size, export_config)?
+        open_export(&args, &r.path, r.create_size, export_config)?
     };
-    serve_export(&args, export, socket, builtin)
+    let listener = match inherited {
+        Some(l) => l,
+        None => server::bind_socket(&SocketConfig {
+            path: r.socket.clone().expect("a socket path without --fd"),
+            mode: args.socket_mode,
+            group: args.socket_group.clone(),
+        })?,
+    };
+    serve_export(&args, export, listener, &r, pidfile)
 }
 
 fn open_export(
@@ -446,15 +625,27 @@ fn open_export(
     Ok(Export::open(&export_config(choice.engine, choice.direct))?)
 }
 
-fn serve_export(args: &ServeArgs, export: Export, socket: PathBuf, builtin: bool) -> Result<()> {
+fn serve_export(
+    args: &ServeArgs,
+    export: Export,
+    listener: UnixListener,
+    r: &Resolved,
+    mut pidfile: Option<PidFile>,
+) -> Result<()> {
     let path = export.backing.path().to_path_buf();
-    let listener = server::bind_socket(&SocketConfig {
-        path: socket.clone(),
-        mode: args.socket_mode,
-        group: args.socket_group.clone(),
-    })?;
+    let on = match (&r.socket, args.fd) {
+        (Some(s), _) => s.display().to_string(),
+        (None, fd) => match listener
+            .local_addr()
+            .ok()
+            .and_then(|a| a.as_pathname().map(Path::to_path_buf))
+        {
+            Some(p) => format!("{} (fd {})", p.display(), fd.unwrap_or(-1)),
+            None => format!("fd {}", fd.unwrap_or(-1)),
+        },
+    };
     log::info!(
-        "serving {} ({} bytes, {} queue(s) of up to {}, {}-byte blocks, serial {}, {}{}) on {}",
+        "serving {} ({} bytes, {} queue(s) of up to {}, {}-byte blocks, serial {}, {}{}) on {on}",
         path.display(),
         export.disk.capacity_sectors * 512,
         export.disk.num_queues,
@@ -471,30 +662,100 @@ fn serve_export(args: &ServeArgs, export: Export, socket: PathBuf, builtin: bool
         } else {
             ""
         },
-        socket.display()
     );
-    let queues = export.disk.num_queues;
-    let queue_size = export.disk.queue_size;
-    let ready = || {
-        if builtin {
-            println!("{}", qemu_hint(&socket, queues, queue_size));
-        }
+    let hint = match (&r.socket, r.builtin) {
+        (Some(socket), true) => Some(qemu_hint(&AttachSpec {
+            socket: std::fs::canonicalize(socket).unwrap_or_else(|_| socket.clone()),
+            queues: export.disk.num_queues,
+            queue_size: export.disk.queue_size,
+            serial: Some(export.serial()),
+            read_only: export.disk.read_only,
+            memory: DEFAULT_GUEST_MEMORY,
+            target_dev: "vda".into(),
+            id: "vublk0".into(),
+        })),
+        _ => None,
     };
-    server::serve(Arc::new(export), listener, &socket, ready)?;
+    let status = format!("serving {} on {on}", path.display());
+    let server = Server::prepare(Arc::new(export), listener, r.socket.as_deref())?;
+    // The socket accepts connections from here on (they wait in its backlog).
+    if let Some(p) = &mut pidfile {
+        p.write()?;
+        log::info!("wrote pid file {}", p.path().display());
+    }
+    match readiness::notify_service_manager(&format!("READY=1\nSTATUS={status}")) {
+        Ok(true) => log::info!("notified the service manager: ready"),
+        Ok(false) => {}
+        Err(e) => log::warn!("{e}"),
+    }
+    if let Some(h) = hint {
+        println!("{h}");
+    }
+    server.run()?;
+    drop(pidfile);
     Ok(())
 }
 
-/// The QEMU arguments that attach an export (guest RAM must be shared with the daemon).
-fn qemu_hint(socket: &Path, queues: u16, queue_size: u16) -> String {
-    let socket = std::fs::canonicalize(socket).unwrap_or_else(|_| socket.to_path_buf());
+/// Guest RAM the QEMU arguments assume unless told otherwise (`attach-info --memory`).
+const DEFAULT_GUEST_MEMORY: u64 = 1 << 30;
+
+/// What the built-in default prints once it serves: the QEMU arguments that attach it.
+fn qemu_hint(spec: &AttachSpec) -> String {
     format!(
-        "vublk is ready. Attach it to QEMU with:\n  \
-         -object memory-backend-memfd,id=mem,size=<guest RAM>,share=on -machine memory-backend=mem \\\n  \
-         -chardev socket,id=vublk0,path={},reconnect-ms=1000 \\\n  \
-         -device vhost-user-blk-pci,chardev=vublk0,num-queues={queues},queue-size={}",
-        socket.display(),
-        queue_size.min(1024)
+        "vublk is ready. Attach it to QEMU with (size= is the guest's RAM, as -m):\n  {}",
+        attach::qemu_command_lines(spec)
     )
+}
+
+/// The attach description of the export `args.export` describes, without opening it.
+fn attach_spec(args: &AttachInfoArgs) -> Result<AttachSpec> {
+    let e = &args.export;
+    if e.fd.is_some() && e.socket.is_none() {
+        anyhow::bail!(
+            "attach-info needs the socket's path: give --socket-path PATH (the path of the \
+             socket passed as --fd) instead of --fd"
+        );
+    }
+    let socket = e
+        .socket
+        .clone()
+        .unwrap_or_else(|| e.data_dir.join("vublk.sock"));
+    let socket = std::path::absolute(&socket)
+        .with_context(|| format!("cannot make {} absolute", socket.display()))?;
+    let serial = match (&e.serial, e.null, &e.file) {
+        (Some(s), _, _) => Some(s.clone()),
+        (None, Some(_), _) => Some(default_serial((0, 0))),
+        (None, None, file) => {
+            let path = file.clone().unwrap_or_else(|| e.data_dir.join("disk.img"));
+            std::fs::metadata(&path)
+                .ok()
+                .map(|m| default_serial(backing::identity_of(&m)))
+        }
+    };
+    Ok(AttachSpec {
+        socket,
+        queues: e.queues,
+        queue_size: e.queue_size,
+        serial,
+        read_only: e.read_only,
+        memory: args.memory,
+        target_dev: args.target_dev.clone(),
+        id: args.id.clone(),
+    })
+}
+
+fn attach_info(args: &AttachInfoArgs) -> Result<()> {
+    let spec = attach_spec(args)?;
+    match args.format {
+        AttachFormat::Libvirt => print!("{}", attach::libvirt_disk(&spec, 0)),
+        AttachFormat::LibvirtDomain => print!("{}", attach::libvirt_domain(&spec, &args.name)),
+        AttachFormat::Qemu => {
+            for a in attach::qemu_args(&spec) {
+                println!("{a}");
+            }
+        }
+    }
+    Ok(())
 }
 
 #[cfg(test)]
@@ -539,7 +800,7 @@ mod tests {
             "--read-only",
         ])
         .unwrap();
-        let Command::Serve(a) = cli.command else {
+        let Some(Command::Serve(a)) = cli.command else {
             panic!("not serve")
         };
         assert_eq!(a.queues, 4);
@@ -554,7 +815,7 @@ mod tests {
         let cli =
             Cli::try_parse_from(["vublk", "serve", "--engine", "linux-aio", "--direct", "on"])
                 .unwrap();
-        let Command::Serve(a) = cli.command else {
+        let Some(Command::Serve(a)) = cli.command else {
             panic!("not serve")
         };
         assert_eq!(a.choice.engine, EngineRequest::LinuxAio);
@@ -570,7 +831,7 @@ mod tests {
             "4096",
         ])
         .unwrap();
-        let Command::Probe(a) = cli.command else {
+        let Some(Command::Probe(a)) = cli.command else {
             panic!("not probe")
         };
         assert!(a.json);
@@ -583,16 +844,196 @@ mod tests {
 
     #[test]
     fn hint_matches_the_export() {
-        let h = qemu_hint(Path::new("/nonexistent/x.sock"), 2, 128);
+        let h = qemu_hint(&AttachSpec {
+            socket: "/nonexistent/x.sock".into(),
+            queues: 2,
+            queue_size: 128,
+            serial: None,
+            read_only: false,
+            memory: DEFAULT_GUEST_MEMORY,
+            target_dev: "vda".into(),
+            id: "vublk0".into(),
+        });
         assert!(h.contains("path=/nonexistent/x.sock"));
         assert!(h.contains("num-queues=2,queue-size=128"));
         assert!(h.contains("share=on"));
     }
 
+    #[test]
+    fn backend_conventions_without_a_subcommand() {
+        let cli = Cli::try_parse_from([
+            "vublk",
+            "--socket-path=/run/vublk/a.sock",
+            "--blk-file=/img",
+            "--read-only",
+            "--queues",
+            "2",
+            "--pidfile",
+            "/run/vublk/a.pid",
+        ])
+        .unwrap();
+        assert!(cli.command.is_none() && !cli.print_capabilities);
+        assert_eq!(
+            cli.serve.socket.as_deref(),
+            Some(Path::new("/run/vublk/a.sock"))
+        );
+        assert_eq!(cli.serve.file.as_deref(), Some(Path::new("/img")));
+        assert!(cli.serve.read_only);
+        assert_eq!(cli.serve.queues, 2);
+        assert_eq!(
+            cli.serve.pidfile.as_deref(),
+            Some(Path::new("/run/vublk/a.pid"))
+        );
+        let cli = Cli::try_parse_from(["vublk", "--fd=3", "--file", "/img"]).unwrap();
+        assert_eq!(cli.serve.fd, Some(3));
+        // --socket and --socket-path are one option, and --fd excludes it.
+        assert!(Cli::try_parse_from(["vublk", "--fd", "3", "--socket-path", "/s"]).is_err());
+        assert!(Cli::try_parse_from(["vublk", "serve", "--fd", "3", "--socket", "/s"]).is_err());
+        assert!(Cli::try_parse_from(["vublk", "--socket", "/s", "--socket-path", "/t"]).is_err());
+        // Top-level serve options and a subcommand do not mix.
+        assert!(Cli::try_parse_from(["vublk", "--socket-path", "/s", "serve"]).is_err());
+        let cli = Cli::try_parse_from(["vublk", "serve", "--socket-path", "/s", "--fd", "4"]);
+        assert!(cli.is_err());
+        let cli = Cli::try_parse_from(["vublk", "serve", "--blk-file", "/f", "--fd", "4"]).unwrap();
+        let Some(Command::Serve(a)) = cli.command else {
+            panic!("not serve")
+        };
+        assert_eq!((a.fd, a.file.as_deref()), (Some(4), Some(Path::new("/f"))));
+    }
+
+    #[test]
+    fn backend_mode_refuses_what_is_missing() {
+        let args = |a: &[&str]| {
+            let mut v = vec!["vublk"];
+            v.extend_from_slice(a);
+            Cli::try_parse_from(v).unwrap().serve
+        };
+        let e = resolve(&args(&["--blk-file", "/f"]), Mode::Backend).unwrap_err();
+        assert!(
+            e.to_string().contains("--socket-path PATH or --fd N"),
+            "{e}"
+        );
+        let e = resolve(&args(&["--socket-path", "/s"]), Mode::Backend).unwrap_err();
+        assert!(e.to_string().contains("--blk-file"), "{e}");
+        let missing = "/nonexistent/vublk-test.img";
+        let e = resolve(&args(&["--fd", "3", "--blk-file", missing]), Mode::Backend).unwrap_err();
+        assert!(e.to_string().contains("does not exist; give --size"), "{e}");
+        let r = resolve(
+            &args(&["--fd", "3", "--blk-file", missing, "--size", "1G"]),
+            Mode::Backend,
+        )
+        .unwrap();
+        assert_eq!(
+            (r.socket, r.create_size, r.builtin),
+            (None, Some(1 << 30), false)
+        );
+        // `serve` keeps its built-in default.
+        let r = resolve(&args(&["--data-dir", "/nonexistent/d"]), Mode::Serve).unwrap();
+        assert!(r.builtin);
+        assert_eq!(
+            r.socket.as_deref(),
+            Some(Path::new("/nonexistent/d/vublk.sock"))
+        );
+        assert_eq!(r.create_size, Some(DEFAULT_IMAGE_SIZE));
+    }
+
+    #[test]
+    fn print_capabilities_ignores_everything_else() {
+        let a = |v: &[&str]| wants_capabilities(&v.iter().map(OsString::from).collect::<Vec<_>>());
+        assert!(a(&["vublk", "--print-capabilities"]));
+        assert!(a(&[
+            "vublk",
+            "--socket-path=/x",
+            "--bogus",
+            "--print-capabilities"
+        ]));
+        assert!(!a(&["vublk", "--socket-path=/x"]));
+        assert!(!a(&["vublk", "bench", "--", "--print-capabilities"]));
+        assert!(!a(&["--print-capabilities"]), "argv[0] is the program");
+    }
+
+    fn attach_args(a: &[&str]) -> Result<AttachInfoArgs, clap::Error> {
+        let cli = Cli::try_parse_from(["vublk", "attach-info"].iter().chain(a))?;
+        match cli.command {
+            Some(Command::AttachInfo(x)) => Ok(x),
+            _ => panic!("not attach-info"),
+        }
+    }
+
+    #[test]
+    fn attach_info_takes_the_serve_options() {
+        let a = attach_args(&[
+            "--socket-path",
+            "/run/vublk/vm1.sock",
+            "--file",
+            "/nonexistent/vm1.img",
+            "--size",
+            "20G",
+            "--queues",
+            "4",
+            "--queue-size",
+            "512",
+            "--serial",
+            "vm1-disk0",
+            "--read-only",
+            "--socket-group",
+            "kvm",
+            "--socket-mode",
+            "0660",
+            "--pidfile",
+            "/run/vublk/vm1.pid",
+            "--engine",
+            "threads",
+            "--format",
+            "qemu",
+            "--memory",
+            "4G",
+            "--target-dev",
+            "vdb",
+            "--id",
+            "disk1",
+        ])
+        .unwrap();
+        assert_eq!(a.format, AttachFormat::Qemu);
+        let s = attach_spec(&a).unwrap();
+        assert_eq!(s.socket, Path::new("/run/vublk/vm1.sock"));
+        assert_eq!((s.queues, s.queue_size, s.read_only), (4, 512, true));
+        assert_eq!(s.serial.as_deref(), Some("vm1-disk0"));
+        assert_eq!(
+            (s.memory, s.target_dev.as_str(), s.id.as_str()),
+            (4 << 30, "vdb", "disk1")
+        );
+        let d = attach_args(&["--socket", "rel.sock"]).unwrap();
+        assert_eq!(d.format, AttachFormat::Libvirt);
+        let s = attach_spec(&d).unwrap();
+        assert!(s.socket.is_absolute() && s.socket.ends_with("rel.sock"));
+        assert_eq!((s.memory, s.target_dev.as_str()), (1 << 30, "vda"));
+        // The default serial of an image that does not exist yet is unknown.
+        let d = attach_args(&["--socket", "/s", "--file", "/nonexistent/x.img"]).unwrap();
+        assert_eq!(attach_spec(&d).unwrap().serial, None);
+        let d = attach_args(&["--socket", "/s", "--null", "1G"]).unwrap();
+        assert_eq!(
+            attach_spec(&d).unwrap().serial,
+            Some(default_serial((0, 0)))
+        );
+        let e = attach_spec(&attach_args(&["--fd", "3"]).unwrap()).unwrap_err();
+        assert!(e.to_string().contains("--socket-path"), "{e}");
+        for bad in [
+            &["--target-dev", "sda"][..],
+            &["--target-dev", "vd"],
+            &["--id", "0x"],
+            &["--id", "a,b"],
+            &["--format", "xml"],
+            &["--memory", "1000"],
+        ] {
+            assert!(attach_args(bad).is_err(), "{bad:?} accepted");
+        }
+    }
+
     fn bench_args(args: &[&str]) -> Result<BenchArgs, clap::Error> {
         let cli = Cli::try_parse_from(["vublk", "bench"].iter().chain(args))?;
         match cli.command {
-            Command::Bench(b) => Ok(b),
+            Some(Command::Bench(b)) => Ok(b),
             _ => panic!("not bench"),
         }
     }

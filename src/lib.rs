@@ -6,8 +6,10 @@
 //! buffers and the [`backing`] file or block device. [`probe`] finds out what a backing is,
 //! [`caps`] what the kernel allows, and [`policy`] picks each export's engine from both.
 //! [`bench`](mod@bench) is a VM-less load generator and data verifier for any
-//! vhost-user-blk backend.
+//! vhost-user-blk backend. [`attach`] renders what QEMU and libvirt need to attach an export,
+//! and [`readiness`] tells a service manager (systemd, a pid file) that vublk serves.
 
+pub mod attach;
 pub mod backing;
 pub mod bench;
 pub mod blk;
@@ -17,5 +19,6 @@ pub mod export;
 pub mod policy;
 pub mod probe;
 pub mod ratelimit;
+pub mod readiness;
 pub mod server;
 pub mod vhost_user;

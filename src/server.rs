@@ -4,7 +4,7 @@
 use std::ffi::CString;
 use std::io;
 use std::os::unix::fs::{FileTypeExt, MetadataExt, PermissionsExt};
-use std::os::unix::io::AsRawFd;
+use std::os::unix::io::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -53,6 +53,14 @@ pub enum ServerError {
     /// The group does not exist.
     #[error("unknown group {0:?}")]
     UnknownGroup(String),
+    /// The inherited file descriptor is not a listening unix stream socket.
+    #[error("--fd {fd}: {why}; it must be a listening unix stream socket")]
+    InheritedFd {
+        /// The descriptor.
+        fd: RawFd,
+        /// What is wrong with it.
+        why: String,
+    },
     /// Setting up signals, threads or event fds failed.
     #[error("cannot set up the server: {0}")]
     Setup(io::Error),
@@ -203,32 +211,160 @@ pub fn serve(
     socket_path: &Path,
     on_ready: impl FnOnce(),
 ) -> Result<(), ServerError> {
-    let socket_id = std::fs::metadata(socket_path)
-        .map(|m| (m.dev(), m.ino()))
-        .ok();
-    let stop = Arc::new(StopState {
-        requested: AtomicBool::new(false),
-        wake: EventFd::new(EFD_NONBLOCK | EFD_CLOEXEC).map_err(ServerError::Setup)?,
-        active: Mutex::new(None),
-    });
-    install_signals(stop.clone()).map_err(ServerError::Setup)?;
-    let mut listener = Listener::from(listener);
-    listener
-        .set_nonblocking(true)
-        .map_err(|e| ServerError::Setup(io::Error::other(e)))?;
+    let server = Server::prepare(export, listener, Some(socket_path))?;
     on_ready();
-    let result = accept_loop(&export, &mut listener, &stop, socket_path);
-    drop(listener);
-    // Remove the socket only if it is still the one we bound.
-    if socket_id.is_some()
-        && std::fs::metadata(socket_path)
-            .map(|m| (m.dev(), m.ino()))
-            .ok()
-            == socket_id
-    {
-        let _ = std::fs::remove_file(socket_path);
+    server.run()
+}
+
+/// A server whose socket already accepts connections (they wait in the backlog) and whose
+/// signal handling is in place, ready to [`run`](Server::run).
+pub struct Server {
+    export: Arc<Export>,
+    listener: Listener,
+    stop: Arc<StopState>,
+    /// The bound socket's path and identity, to remove it on exit; `None` for a socket vublk
+    /// did not create (an inherited fd).
+    owned_path: Option<(PathBuf, (u64, u64))>,
+    /// For log lines.
+    name: PathBuf,
+}
+
+impl std::fmt::Debug for Server {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Server").field("name", &self.name).finish()
     }
-    result
+}
+
+impl Server {
+    /// Installs the SIGTERM/SIGINT handling for `listener`. `socket_path` is the path vublk
+    /// bound, removed on exit if it is still that socket; pass `None` for an inherited socket,
+    /// whose path (if any) is left alone.
+    pub fn prepare(
+        export: Arc<Export>,
+        listener: UnixListener,
+        socket_path: Option<&Path>,
+    ) -> Result<Self, ServerError> {
+        let owned_path = socket_path.and_then(|p| {
+            std::fs::metadata(p)
+                .ok()
+                .map(|m| (p.to_path_buf(), (m.dev(), m.ino())))
+        });
+        let name = match socket_path {
+            Some(p) => p.to_path_buf(),
+            None => socket_name(&listener),
+        };
+        let stop = Arc::new(StopState {
+            requested: AtomicBool::new(false),
+            wake: EventFd::new(EFD_NONBLOCK | EFD_CLOEXEC).map_err(ServerError::Setup)?,
+            active: Mutex::new(None),
+        });
+        install_signals(stop.clone()).map_err(ServerError::Setup)?;
+        let listener = Listener::from(listener);
+        listener
+            .set_nonblocking(true)
+            .map_err(|e| ServerError::Setup(io::Error::other(e)))?;
+        Ok(Server {
+            export,
+            listener,
+            stop,
+            owned_path,
+            name,
+        })
+    }
+
+    /// Serves one frontend after another until SIGTERM or SIGINT; then removes the socket
+    /// vublk created (if it is still the one it bound).
+    pub fn run(self) -> Result<(), ServerError> {
+        let Server {
+            export,
+            mut listener,
+            stop,
+            owned_path,
+            name,
+        } = self;
+        let result = accept_loop(&export, &mut listener, &stop, &name);
+        drop(listener);
+        if let Some((path, id)) = owned_path
+            && std::fs::metadata(&path).map(|m| (m.dev(), m.ino())).ok() == Some(id)
+        {
+            let _ = std::fs::remove_file(&path);
+        }
+        result
+    }
+}
+
+/// A listener's path for log lines (`fd` when it has none).
+fn socket_name(listener: &UnixListener) -> PathBuf {
+    listener
+        .local_addr()
+        .ok()
+        .and_then(|a| a.as_pathname().map(Path::to_path_buf))
+        .unwrap_or_else(|| PathBuf::from(format!("fd {}", listener.as_raw_fd())))
+}
+
+/// Takes over a listening socket inherited as file descriptor `fd` (QEMU's `--fd=FDNUM`
+/// convention, systemd socket activation): it must be a listening AF_UNIX stream socket.
+pub fn listener_from_fd(fd: RawFd) -> Result<UnixListener, ServerError> {
+    check_inherited(fd)?;
+    // SAFETY: `fd` is open (fstat succeeded) and nothing else in this process owns it: it was
+    // inherited from the parent and is named only by the command line, which names it once.
+    let owned = unsafe { OwnedFd::from_raw_fd(fd) };
+    // Do not leak it into anything vublk may execute.
+    // SAFETY: fcntl on a descriptor we own.
+    if unsafe { libc::fcntl(owned.as_raw_fd(), libc::F_SETFD, libc::FD_CLOEXEC) } < 0 {
+        return Err(ServerError::InheritedFd {
+            fd,
+            why: format!("cannot set close-on-exec: {}", io::Error::last_os_error()),
+        });
+    }
+    Ok(UnixListener::from(owned))
+}
+
+fn check_inherited(fd: RawFd) -> Result<(), ServerError> {
+    let bad = |why: String| ServerError::InheritedFd { fd, why };
+    if fd < 0 {
+        return Err(bad("not a file descriptor number".into()));
+    }
+    // SAFETY: an all-zero `stat` is a valid value for fstat to fill in.
+    let mut st: libc::stat = unsafe { std::mem::zeroed() };
+    // SAFETY: fstat writes only into `st`; an fd that is not open gives EBADF.
+    if unsafe { libc::fstat(fd, &mut st) } < 0 {
+        return Err(bad(format!("not open ({})", io::Error::last_os_error())));
+    }
+    if st.st_mode & libc::S_IFMT != libc::S_IFSOCK {
+        return Err(bad("not a socket".into()));
+    }
+    let opt = |name, what| -> Result<libc::c_int, ServerError> {
+        let mut v: libc::c_int = 0;
+        let mut len = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
+        // SAFETY: `v` and `len` are live locals of the sizes getsockopt is told.
+        let rc = unsafe {
+            libc::getsockopt(
+                fd,
+                libc::SOL_SOCKET,
+                name,
+                (&mut v as *mut libc::c_int).cast(),
+                &mut len,
+            )
+        };
+        if rc < 0 {
+            return Err(bad(format!(
+                "cannot read its {what}: {}",
+                io::Error::last_os_error()
+            )));
+        }
+        Ok(v)
+    };
+    if opt(libc::SO_DOMAIN, "address family")? != libc::AF_UNIX {
+        return Err(bad("not a unix (AF_UNIX) socket".into()));
+    }
+    if opt(libc::SO_TYPE, "type")? != libc::SOCK_STREAM {
+        return Err(bad("not a stream (SOCK_STREAM) socket".into()));
+    }
+    if opt(libc::SO_ACCEPTCONN, "listening state")? == 0 {
+        return Err(bad("not listening (call listen() on it first)".into()));
+    }
+    Ok(())
 }
 
 fn accept_loop(
@@ -365,6 +501,45 @@ mod tests {
         assert!(matches!(err, ServerError::NotASocket(_)));
         assert!(err.to_string().contains("s.sock"), "{err}");
         assert_eq!(std::fs::read(&c.path).unwrap(), b"precious");
+    }
+
+    #[test]
+    fn inherited_listening_socket_is_taken_over() {
+        use std::os::unix::io::IntoRawFd;
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("inherited.sock");
+        let fd = UnixListener::bind(&path).unwrap().into_raw_fd();
+        let l = listener_from_fd(fd).unwrap();
+        assert_eq!(socket_name(&l), path);
+        // SAFETY: F_GETFD on a descriptor `l` owns.
+        let flags = unsafe { libc::fcntl(l.as_raw_fd(), libc::F_GETFD) };
+        assert_ne!(flags & libc::FD_CLOEXEC, 0);
+        let _c = UnixStream::connect(&path).unwrap();
+        assert!(l.accept().is_ok());
+    }
+
+    #[test]
+    fn inherited_fd_must_be_a_listening_unix_stream_socket() {
+        let dir = tempfile::tempdir().unwrap();
+        let why = |fd: RawFd| match listener_from_fd(fd) {
+            Err(ServerError::InheritedFd { why, .. }) => why,
+            other => panic!("fd {fd}: {other:?}"),
+        };
+        let file = std::fs::File::create(dir.path().join("f")).unwrap();
+        assert_eq!(why(file.as_raw_fd()), "not a socket");
+        let (a, _b) = UnixStream::pair().unwrap();
+        assert!(why(a.as_raw_fd()).starts_with("not listening"));
+        let d = std::os::unix::net::UnixDatagram::unbound().unwrap();
+        assert!(why(d.as_raw_fd()).starts_with("not a stream"));
+        let tcp = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        assert!(why(tcp.as_raw_fd()).starts_with("not a unix"));
+        assert!(why(-1).starts_with("not a file descriptor"));
+        assert!(why(1_000_000).starts_with("not open"));
+        let e = listener_from_fd(file.as_raw_fd()).unwrap_err().to_string();
+        assert!(
+            e.contains("--fd") && e.contains("listening unix stream socket"),
+            "{e}"
+        );
     }
 
     #[test]

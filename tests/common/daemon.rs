@@ -269,6 +269,19 @@ impl Daemon {
         image: PathBuf,
         rust_log: &str,
     ) -> Daemon {
+        Self::spawn_with(dir, args, socket, image, rust_log, |_| {})
+    }
+
+    /// Like [`Daemon::spawn_args`], with `customize` adjusting the command first (extra
+    /// environment, descriptors to inherit).
+    pub fn spawn_with(
+        dir: Arc<TempDir>,
+        args: &[OsString],
+        socket: PathBuf,
+        image: PathBuf,
+        rust_log: &str,
+        customize: impl FnOnce(&mut Command),
+    ) -> Daemon {
         let program = match target() {
             Target::Vublk => vublk_bin(),
             Target::Qsd => "qemu-storage-daemon",
@@ -293,6 +306,7 @@ impl Daemon {
                 Ok(())
             })
         };
+        customize(&mut cmd);
         let child = cmd
             .args(args)
             .env("RUST_LOG", rust_log)
