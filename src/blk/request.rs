@@ -72,6 +72,9 @@ pub enum RequestError {
     /// GET_ID without a buffer.
     #[error("GET_ID without a device-writable buffer")]
     NoIdBuffer,
+    /// More data than a used length can report (4 GiB).
+    #[error("{0} bytes of data in one request")]
+    DataTooLarge(u64),
 }
 
 impl RequestError {
@@ -198,6 +201,12 @@ pub fn parse(
         return Err(reject(RequestError::ReadableAfterWritable));
     }
     let readable: Vec<Range> = descs[..split].iter().map(range_of).collect();
+    // The used length is a u32 counting the writable bytes plus the status byte; the data of
+    // a request (descriptors may repeat one buffer) must fit it.
+    let writable_len: u64 = descs[split..].iter().map(|d| u64::from(d.len())).sum();
+    if writable_len > u64::from(u32::MAX) {
+        return Err(reject(RequestError::DataTooLarge(writable_len)));
+    }
     let mut writable: Vec<Range> = descs[split..].iter().map(range_of).collect();
     // The status byte is not data.
     if let Some(w) = writable.last_mut() {
@@ -243,6 +252,9 @@ pub fn parse(
                 .unwrap_or_default();
             if dest.is_empty() {
                 return Err(reject(RequestError::NoIdBuffer));
+            }
+            if !dest.iter().all(|r| mem.check_range(r.addr, r.len)) {
+                return Err(reject(RequestError::BadAddress));
             }
             RequestKind::GetId {
                 dest: dest.iter().map(|r| (r.addr, r.len)).collect(),
@@ -338,7 +350,7 @@ fn total_len(ranges: &[Range]) -> u64 {
     ranges.iter().map(|r| r.len as u64).sum()
 }
 
-/// Splits `ranges` after `n` bytes; `None` if they hold fewer.
+/// Splits `ranges` after `n` bytes; `None` if they hold fewer, or the split point wraps.
 fn split_at(ranges: &[Range], mut n: usize) -> Option<(Vec<Range>, Vec<Range>)> {
     let mut head = Vec::new();
     let mut tail = Vec::new();
@@ -353,8 +365,9 @@ fn split_at(ranges: &[Range], mut n: usize) -> Option<(Vec<Range>, Vec<Range>)> 
                 addr: r.addr,
                 len: n,
             });
+            // A range that wraps around the address space is not in guest memory anyway.
             tail.push(Range {
-                addr: r.addr.unchecked_add(n as u64),
+                addr: r.addr.checked_add(n as u64)?,
                 len: r.len - n,
             });
             n = 0;
@@ -770,6 +783,199 @@ mod tests {
                 &g
             )),
             RequestError::BadSegments(15)
+        );
+    }
+
+    #[test]
+    fn used_length_overflow_is_refused() {
+        let mem = memory();
+        header(&mem, VIRTIO_BLK_T_IN, 0);
+        // The same 2 GiB "buffer" twice: more than a u32 used length can report.
+        let big = d(0x20000, 1 << 31, W);
+        let err = rejected(parse(
+            [d(HDR, 16, R), big, big, status_desc()],
+            &mem,
+            &geometry(),
+        ));
+        assert_eq!(err, RequestError::DataTooLarge((1 << 32) + 1));
+    }
+
+    /// Whatever a guest puts in a chain, the parser neither panics nor accepts a request that
+    /// reaches outside the disk or guest memory.
+    #[test]
+    fn random_chains_are_refused_or_stay_inside_the_disk_and_guest_memory() {
+        use crate::bench::rng::Rng;
+        use vm_memory::GuestMemoryRegion;
+        let mem = memory();
+        let regions: Vec<(usize, usize)> = mem
+            .iter()
+            .map(|r| (r.as_ptr() as usize, r.len() as usize))
+            .collect();
+        let inside_memory = |b: &IoVec| {
+            let start = b.as_ptr() as usize;
+            regions
+                .iter()
+                .any(|&(base, len)| start >= base && start + b.len() <= base + len)
+        };
+        let mut rng = Rng::new(0x0dd_c4a1);
+        let pick = |rng: &mut Rng, v: &[u64]| v[rng.below(v.len() as u64) as usize];
+        let types = [
+            VIRTIO_BLK_T_IN,
+            VIRTIO_BLK_T_OUT,
+            VIRTIO_BLK_T_FLUSH,
+            VIRTIO_BLK_T_GET_ID,
+            VIRTIO_BLK_T_DISCARD,
+            VIRTIO_BLK_T_WRITE_ZEROES,
+            77,
+            u32::MAX,
+        ];
+        let (mut accepted, mut rejected_n) = (0, 0);
+        for _ in 0..50_000 {
+            let mut g = geometry();
+            g.read_only = rng.below(4) == 0;
+            if rng.below(3) == 0 {
+                g.logical_block_size = 4096;
+            }
+            let cap = g.capacity_sectors;
+            let sectors = [
+                0,
+                1,
+                7,
+                8,
+                cap - 8,
+                cap - 1,
+                cap,
+                cap + 1,
+                u64::MAX - 7,
+                u64::MAX,
+            ];
+            let t = types[rng.below(types.len() as u64) as usize];
+            header(&mem, t, pick(&mut rng, &sectors));
+            // A discard/write-zeroes segment at DATA.
+            mem.write_obj(pick(&mut rng, &sectors), GuestAddress(DATA))
+                .unwrap();
+            let counts = [0, 1, 8, 2040, 2048, u64::from(u32::MAX)];
+            mem.write_obj(pick(&mut rng, &counts) as u32, GuestAddress(DATA + 8))
+                .unwrap();
+            mem.write_obj(rng.below(4) as u32, GuestAddress(DATA + 12))
+                .unwrap();
+            let addrs = [
+                HDR,
+                DATA,
+                STATUS,
+                0xfff0,
+                0xffff,
+                0x10000,
+                0x20000,
+                0x2fff0,
+                0x30000,
+                u64::MAX - 15,
+                rng.below(0x40000),
+            ];
+            let lens = [
+                0,
+                1,
+                15,
+                16,
+                32,
+                511,
+                512,
+                513,
+                4096,
+                0x10000,
+                u64::from(u32::MAX),
+            ];
+            // A well-formed chain for the type, then a few random mutations.
+            let data_flags = if t == VIRTIO_BLK_T_IN || t == VIRTIO_BLK_T_GET_ID {
+                W
+            } else {
+                R
+            };
+            let mut chain = vec![d(HDR, 16, R)];
+            if t != VIRTIO_BLK_T_FLUSH {
+                let len = if data_flags == R && t != VIRTIO_BLK_T_OUT {
+                    16
+                } else {
+                    4096
+                };
+                chain.push(d(DATA, len, data_flags));
+            }
+            chain.push(status_desc());
+            for _ in 0..rng.below(3) {
+                let i = rng.below(chain.len() as u64) as usize;
+                match rng.below(5) {
+                    0 => chain[i] = d(pick(&mut rng, &addrs), chain[i].len(), chain[i].flags()),
+                    1 => {
+                        let len = pick(&mut rng, &lens) as u32;
+                        chain[i] = d(chain[i].addr().0, len, chain[i].flags());
+                    }
+                    2 => {
+                        let flags = chain[i].flags() ^ (VRING_DESC_F_WRITE as u16);
+                        chain[i] = d(chain[i].addr().0, chain[i].len(), flags);
+                    }
+                    3 => {
+                        let len = pick(&mut rng, &lens) as u32;
+                        let flags = if rng.below(2) == 0 { R } else { W };
+                        chain.insert(i, d(pick(&mut rng, &addrs), len, flags));
+                    }
+                    _ => {
+                        chain.remove(i);
+                    }
+                }
+            }
+            if let Some(last) = chain.last_mut()
+                && rng.below(8) != 0
+            {
+                *last = d(
+                    last.addr().0,
+                    last.len(),
+                    last.flags() & !(VRING_DESC_F_NEXT as u16),
+                );
+            }
+            match parse(chain, &mem, &g) {
+                Ok(req) => {
+                    accepted += 1;
+                    assert!(mem.check_range(req.status, 1));
+                    let within = |sector: u64, bytes: u64| {
+                        sector.checked_mul(512).and_then(|s| s.checked_add(bytes))
+                            <= Some(cap * 512)
+                    };
+                    match &req.kind {
+                        RequestKind::Read { sector, bufs }
+                        | RequestKind::Write { sector, bufs } => {
+                            let bytes: u64 = bufs.iter().map(|b| b.len() as u64).sum();
+                            assert!(within(*sector, bytes), "{req:?}");
+                            assert_eq!(bytes % u64::from(g.logical_block_size), 0);
+                            assert!(bufs.iter().all(inside_memory), "{req:?}");
+                            if g.read_only {
+                                assert!(matches!(req.kind, RequestKind::Read { .. }));
+                            }
+                        }
+                        RequestKind::Discard { sector, sectors }
+                        | RequestKind::WriteZeroes {
+                            sector, sectors, ..
+                        } => {
+                            assert!(!g.read_only);
+                            assert!(within(*sector, u64::from(*sectors) * 512), "{req:?}");
+                        }
+                        RequestKind::GetId { dest } => {
+                            assert!(dest.iter().map(|d| d.1).sum::<usize>() <= SERIAL_LEN);
+                            assert!(dest.iter().all(|&(a, l)| mem.check_range(a, l)));
+                        }
+                        RequestKind::Flush => {}
+                    }
+                }
+                Err(ParseError::Rejected { status, .. }) => {
+                    rejected_n += 1;
+                    assert!(mem.check_range(status, 1));
+                }
+                Err(ParseError::Unanswerable(_)) => {}
+            }
+        }
+        // The generator reaches both outcomes often enough to mean something.
+        assert!(
+            accepted > 500 && rejected_n > 5000,
+            "{accepted} / {rejected_n}"
         );
     }
 }

@@ -435,7 +435,7 @@ mod tests {
     use super::*;
     use crate::backing::OpenParams;
     use crate::engine::aio_abi::IOV_MAX;
-    use crate::engine::{self, wait_readable};
+    use crate::engine::{self, reap_all, wait_readable};
 
     const MIB: u64 = 1 << 20;
     const IMAGE: u64 = 8 * MIB;
@@ -543,19 +543,6 @@ mod tests {
 
     fn new_engine(backing: &Arc<Backing>, depth: usize) -> LinuxAioEngine<u64> {
         LinuxAioEngine::new(backing.clone(), params(depth)).unwrap()
-    }
-
-    /// Reaps until nothing is in flight, each round waiting for the completion eventfd.
-    fn reap_all<T: Send + 'static>(engine: &mut LinuxAioEngine<T>) -> Vec<Completion<T>> {
-        let mut out = Vec::new();
-        while engine.in_flight() > 0 {
-            assert!(
-                wait_readable(engine.completion_fd(), 5000).unwrap(),
-                "no completion within 5 s"
-            );
-            engine.reap(&mut out);
-        }
-        out
     }
 
     /// Submits everything, commits once, and returns the results by token.

@@ -289,6 +289,20 @@ pub fn wait_readable(fd: RawFd, timeout_ms: i32) -> io::Result<bool> {
     }
 }
 
+/// Reaps until nothing is in flight, waiting (at most 5 s per round) on the completion eventfd.
+#[cfg(test)]
+pub(crate) fn reap_all<T>(engine: &mut (impl IoEngine<T> + ?Sized)) -> Vec<Completion<T>> {
+    let mut out = Vec::new();
+    while engine.in_flight() > 0 {
+        assert!(
+            wait_readable(engine.completion_fd(), 5000).unwrap(),
+            "no completion within 5 s"
+        );
+        engine.reap(&mut out);
+    }
+    out
+}
+
 /// A temporary directory on a file system with O_DIRECT (a tmpfs /tmp has none).
 #[cfg(test)]
 pub(crate) fn direct_io_tempdir() -> tempfile::TempDir {

@@ -242,7 +242,7 @@ impl<T: Send + 'static> Drop for ThreadPoolEngine<T> {
 mod tests {
     use super::*;
     use crate::backing::OpenParams;
-    use crate::engine::{IoVec, wait_readable};
+    use crate::engine::{IoVec, reap_all, wait_readable};
 
     fn backing(dir: &tempfile::TempDir) -> Arc<Backing> {
         let params = OpenParams {
@@ -250,18 +250,6 @@ mod tests {
             ..Default::default()
         };
         Arc::new(Backing::open(&dir.path().join("d.img"), &params).unwrap())
-    }
-
-    fn reap_all<T: Send + 'static>(engine: &mut ThreadPoolEngine<T>) -> Vec<Completion<T>> {
-        let mut out = Vec::new();
-        while engine.in_flight() > 0 {
-            assert!(
-                wait_readable(engine.completion_fd(), 5000).unwrap(),
-                "no completion within 5 s"
-            );
-            engine.reap(&mut out);
-        }
-        out
     }
 
     #[test]
