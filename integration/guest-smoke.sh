@@ -26,6 +26,9 @@
 #   mq512wb  2 queues, ring 256, 512-byte blocks, write back, image created by the backend (vublk)
 #   sq4kwt   1 queue,  ring 128, 4096-byte blocks, write through
 #   ro       1 queue,  ring 128, 512-byte blocks, read-only
+#   attach   2 queues, ring 128, 512-byte blocks, write back; QEMU gets exactly the
+#            shared-memory, chardev and device arguments `vublk attach-info --format
+#            qemu` prints for the export (fails if vublk has no attach-info; vublk only)
 #
 # Environment:
 #   VUBLK_BACKEND        vublk (default) | qsd
@@ -63,11 +66,12 @@ EXPECT_WZ=${VUBLK_EXPECT_WRITE_ZEROES:-1}
 IMAGE_MB=256
 SERIAL_BASE=vublk-smoke
 
-# name  queues  ring  lbs  cache         ro  create
+# name  queues  ring  lbs  cache         ro  create  qemu-args (own | attach-info)
 ALL_CONFIGS="
-mq512wb 2 256 512  writeback    0 1
-sq4kwt  1 128 4096 writethrough 0 0
-ro      1 128 512  writeback    1 0
+mq512wb 2 256 512  writeback    0 1 own
+sq4kwt  1 128 4096 writethrough 0 0 own
+ro      1 128 512  writeback    1 0 own
+attach  2 128 512  writeback    0 0 attach-info
 "
 
 usage() { sed -n '2,/^set -euo/p' "$0" | sed '$d' | sed 's/^# \{0,1\}//'; }
@@ -80,14 +84,15 @@ while [[ $# -gt 0 ]]; do
         --config=*) CONFIGS=${1#*=}; shift ;;
         --keep) KEEP=1; shift ;;
         --no-install) NO_INSTALL=1; shift ;;
-        --list-configs) echo "name queues ring lbs cache ro backend-creates-image"; echo "$ALL_CONFIGS" | sed '/^$/d'; exit 0 ;;
+        --list-configs) echo "name queues ring lbs cache ro backend-creates-image qemu-args"; echo "$ALL_CONFIGS" | sed '/^$/d'; exit 0 ;;
         -h | --help) usage; exit 0 ;;
         *) usage >&2; setup_die "unknown argument '$1'" ;;
     esac
 done
 case $BACKEND in vublk | qsd) ;; *) setup_die "backend must be vublk or qsd (got '$BACKEND')" ;; esac
 case $ACCEL_REQ in auto | tcg | kvm) ;; *) setup_die "VUBLK_ACCEL must be auto, tcg or kvm (got '$ACCEL_REQ')" ;; esac
-[[ -z "$CONFIGS" ]] && CONFIGS=$(echo "$ALL_CONFIGS" | awk 'NF {printf "%s%s", s, $1; s=","}')
+# attach-info is vublk's: the qsd backend runs the other configurations
+[[ -z "$CONFIGS" ]] && CONFIGS=$(echo "$ALL_CONFIGS" | awk -v b="$BACKEND" 'NF && !(b == "qsd" && $8 == "attach-info") {printf "%s%s", s, $1; s=","}')
 
 # ---------------------------------------------------------------- processes
 RUN_DIR=""
@@ -146,14 +151,22 @@ WR_OFF=$((192 * MiB))  # the guest writes its pattern here; the host compares
 PAT_SECTORS=2048       # 1 MiB patterns
 FIO_SIZE=32M           # per job; jobs = queues, at 32M apart (below RD_OFF)
 
+# vublk's export options (serve and attach-info take the same): sets EXPORT_ARGS.
+export_args() { # export_args NAME Q QS LBS WC RO CREATE IMG SOCK
+    local name=$1 q=$2 qs=$3 lbs=$4 wc=$5 ro=$6 create=$7 img=$8 sock=$9
+    EXPORT_ARGS=(--socket "$sock" --file "$img" --queues "$q" --queue-size "$qs"
+        --serial "$SERIAL_BASE-$name" --logical-block-size "$lbs" --write-cache "$wc")
+    [[ $create == 1 ]] && EXPORT_ARGS+=(--size "${IMAGE_MB}M")
+    [[ $ro == 1 ]] && EXPORT_ARGS+=(--read-only)
+    return 0
+}
+
 start_backend() { # start_backend NAME Q QS LBS WC RO CREATE IMG SOCK LOG
     local name=$1 q=$2 qs=$3 lbs=$4 wc=$5 ro=$6 create=$7 img=$8 sock=$9 blog=${10}
     local -a cmd
     if [[ $BACKEND == vublk ]]; then
-        cmd=("$VUBLK_BIN" serve --socket "$sock" --file "$img" --queues "$q" --queue-size "$qs"
-            --serial "$SERIAL_BASE-$name" --logical-block-size "$lbs" --write-cache "$wc")
-        [[ $create == 1 ]] && cmd+=(--size "${IMAGE_MB}M")
-        [[ $ro == 1 ]] && cmd+=(--read-only)
+        export_args "$@"
+        cmd=("$VUBLK_BIN" serve "${EXPORT_ARGS[@]}")
     else
         local wt=off writable=on
         [[ $wc == writethrough ]] && wt=on
@@ -167,7 +180,7 @@ start_backend() { # start_backend NAME Q QS LBS WC RO CREATE IMG SOCK LOG
 }
 
 run_config() {
-    local name=$1 q=$2 qs=$3 lbs=$4 wc=$5 ro=$6 create=$7
+    local name=$1 q=$2 qs=$3 lbs=$4 wc=$5 ro=$6 create=$7 qargs=$8
     local dir=$RUN_DIR/$name
     mkdir -p "$dir"
     local img=$dir/disk.img sock=$dir/vhost.sock blog=$dir/backend.log con=$dir/console.log
@@ -242,11 +255,33 @@ run_config() {
     local -a qemu=(qemu-system-x86_64 -machine q35 -accel "$ACCEL")
     # shellcheck disable=SC2207
     qemu+=($(qemu_cpu_args "$ACCEL"))
-    qemu+=(-smp 2 -m 512M
-        -object "memory-backend-memfd,id=mem,size=512M,share=on" -machine memory-backend=mem
-        -chardev "socket,id=c0,path=$sock"
-        -device "vhost-user-blk-pci,chardev=c0,num-queues=$q,queue-size=$qs"
-        -kernel "$GUEST_DIR/vmlinuz" -initrd "$GUEST_DIR/initrd.img"
+    qemu+=(-smp 2 -m 512M)
+    if [[ $qargs == attach-info ]]; then
+        # exactly what attach-info prints for this export, nothing of our own
+        [[ $BACKEND == vublk ]] || setup_die "configuration $name needs the vublk backend (attach-info)"
+        if ! "$VUBLK_BIN" attach-info --help >/dev/null 2>&1; then
+            cfg_fail "attach_info: '$VUBLK_BIN attach-info --help' fails: this vublk has no attach-info subcommand"
+            stop_backend_checked "$BACKEND_PID" "$blog" backend || true
+            BACKEND_PID=""
+            return 1
+        fi
+        export_args "$name" "$q" "$qs" "$lbs" "$wc" "$ro" "$create" "$img" "$sock"
+        if ! "$VUBLK_BIN" attach-info "${EXPORT_ARGS[@]}" --format qemu --memory 512M >"$dir/attach-info.txt" 2>"$dir/attach-info.err"; then
+            cfg_fail "attach_info: vublk attach-info --format qemu failed: $(tr '\n' '|' <"$dir/attach-info.err")"
+            stop_backend_checked "$BACKEND_PID" "$blog" backend || true
+            BACKEND_PID=""
+            return 1
+        fi
+        local -a ai
+        mapfile -t ai <"$dir/attach-info.txt"
+        log "[$name] vublk attach-info --format qemu: ${ai[*]}"
+        qemu+=("${ai[@]}")
+    else
+        qemu+=(-object "memory-backend-memfd,id=mem,size=512M,share=on" -machine memory-backend=mem
+            -chardev "socket,id=c0,path=$sock"
+            -device "vhost-user-blk-pci,chardev=c0,num-queues=$q,queue-size=$qs")
+    fi
+    qemu+=(-kernel "$GUEST_DIR/vmlinuz" -initrd "$GUEST_DIR/initrd.img"
         -append "console=ttyS0 quiet panic=-1 ${params[*]}"
         -nic none -nographic -no-reboot)
     log "[$name] qemu ($ACCEL, timeout ${GUEST_TIMEOUT}s): ${qemu[*]}"

@@ -23,16 +23,16 @@
 # vublk's socket is created with --socket-group <libvirt-qemu's gid>
 # --socket-mode 0660. virsh talks to the private daemon's socket.
 #
-# The <disk> element: with --attach-info on it is what `vublk attach-info
-# --format libvirt` prints for the export (the test fails if the binary has no
-# attach-info); off: the hand-written element below; auto (default): attach-info
-# when `vublk attach-info --help` works, else the hand-written one (logged).
+# The <disk> element: with --attach-info on (default) it is what `vublk
+# attach-info --format libvirt` prints for the export (the test fails if the
+# binary has no attach-info); off: the hand-written element below; auto:
+# attach-info when `vublk attach-info --help` works, else the hand-written one.
 #
 # Exit 0 = pass, 1 = a check failed (each one is named), 2 = setup problem.
 #
 # Environment (plus guest-smoke.sh's VUBLK_BIN, VUBLK_ACCEL, VUBLK_NO_INSTALL,
 # VUBLK_KEEP, VUBLK_GUEST_TIMEOUT and build-guest.sh's variables):
-#   VUBLK_ATTACH_INFO     auto | on | off (same as --attach-info)
+#   VUBLK_ATTACH_INFO     on (default) | auto | off (same as --attach-info)
 #   VUBLK_LIBVIRT_RESTART 1 (default): restart vublk once during fio; 0: do not
 #   VUBLK_LIBVIRTD        libvirtd binary (default: from PATH)
 set -euo pipefail
@@ -49,7 +49,7 @@ KEEP=${VUBLK_KEEP:-0}
 NO_INSTALL=${VUBLK_NO_INSTALL:-0}
 ACCEL_REQ=${VUBLK_ACCEL:-auto}
 GUEST_TIMEOUT=${VUBLK_GUEST_TIMEOUT:-240}
-ATTACH_INFO=${VUBLK_ATTACH_INFO:-auto}
+ATTACH_INFO=${VUBLK_ATTACH_INFO:-on}
 RESTART=${VUBLK_LIBVIRT_RESTART:-1}
 
 usage() { sed -n '2,/^set -euo/p' "$0" | sed '$d' | sed 's/^# \{0,1\}//'; }
@@ -367,7 +367,7 @@ run() {
         log "libvirt accepts <serial> on a vhostuser disk"
         virsh_ undefine "$probe_name" >/dev/null 2>&1 || true
     else
-        log "libvirt rejects <serial> on a vhostuser disk ($(grep -a -m1 'error:.*serial' <<<"$out" || tr '\n' ' ' <<<"$out")); the guest's serial comes from vublk --serial"
+        log "libvirt rejects <serial> on a vhostuser disk ($(grep -a -m1 -i 'not supported\|unsupported' <<<"$out" || tr '\n' ' ' <<<"$out")); the guest's serial comes from vublk --serial"
     fi
 
     t=$(now_s)
