@@ -319,7 +319,10 @@ impl QueueWorker {
         };
         let pending = self.engine.in_flight();
         if pending > 0 {
-            log::info!("queue {}: finishing {pending} in-flight requests", self.index);
+            log::info!(
+                "queue {}: finishing {pending} in-flight requests",
+                self.index
+            );
         }
         let mut waited_s = 0;
         while self.engine.in_flight() > 0 {
