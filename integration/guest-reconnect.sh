@@ -32,6 +32,8 @@
 #   VUBLK_RECONNECT_CACHE      writethrough (default: every write is made durable
 #                              before it completes, so requests are more often in
 #                              flight when SIGTERM arrives) or writeback
+#   VUBLK_QEMU_TRACE           comma-separated QEMU trace events for the console log,
+#                              e.g. vhost_user_write,vhost_user_read,vhost_dev_start,vhost_dev_stop
 #   RUST_LOG                   vublk's log level (default info); logs are backend.N.log
 set -euo pipefail
 export VUBLK_LOG_TAG=guest-reconnect
@@ -98,6 +100,7 @@ trap 'exit 143' TERM
 RUN_DIR=$(mktemp -d "${TMPDIR:-/tmp}/vublk-reconnect.XXXXXX")
 export VUBLK_APT_MARK=$RUN_DIR/.apt-updated
 T0=$(now_s)
+# shellcheck disable=SC2119 # no extra packages
 guest_setup
 resolve_vublk_bin "$ROOT"
 ACCEL=$(detect_accel)
@@ -117,8 +120,8 @@ PAT_SECTORS=2048
 # iodepth 16 and one I/O thread per queue in vublk, so that requests queue up
 # in vublk now and then and a SIGTERM sometimes finds some in flight.
 FIO_MB=64 FIO_RATE=4m
-FIO_JOB=(--name=verify --rw=randwrite --bsrange=4k-64k --numjobs=$Q --offset_increment=${FIO_MB}M
-    --size=${FIO_MB}M --verify=crc32c)
+FIO_JOB=(--name=verify --rw=randwrite --bsrange=4k-64k --numjobs="$Q" --offset_increment="${FIO_MB}M"
+    --size="${FIO_MB}M" --verify=crc32c)
 FIRST_RESTART_S=2
 RESTART_GAP_S=$(((10 - FIRST_RESTART_S) / RESTARTS))
 ((RESTART_GAP_S >= 2)) || RESTART_GAP_S=2
@@ -129,7 +132,7 @@ make_pattern host "$PAT_SECTORS" >"$RUN_DIR/host-pattern.bin"
 dd if="$RUN_DIR/host-pattern.bin" of="$IMG" bs=1M seek=$((RD_OFF / MiB)) conv=notrunc,fsync status=none
 HOST_MD5=$(md5sum <"$RUN_DIR/host-pattern.bin" | cut -d' ' -f1)
 
-VUBLK_ARGS=(serve --file "$IMG" --queues $Q --queue-size $QS --serial $SERIAL --write-cache "$CACHE" --io-threads 1)
+VUBLK_ARGS=(serve --file "$IMG" --queues "$Q" --queue-size "$QS" --serial "$SERIAL" --write-cache "$CACHE" --io-threads 1)
 start_vublk() { # start_vublk N SOCK: instance N (0 = before boot)
     local blog=$RUN_DIR/backend.$1.log
     log "vublk #$1: $VUBLK_BIN ${VUBLK_ARGS[*]} --socket $2"
@@ -176,6 +179,8 @@ run() {
         -kernel "$GUEST_DIR/vmlinuz" -initrd "$GUEST_DIR/initrd.img"
         -append "console=ttyS0 quiet panic=-1 ${params[*]}"
         -nic none -nographic -no-reboot)
+    local ev
+    for ev in ${VUBLK_QEMU_TRACE//,/ }; do qemu+=(-trace "enable=$ev"); done
     log "qemu ($ACCEL, timeout ${GUEST_TIMEOUT}s): ${qemu[*]}"
     local t_boot t_fio t
     t_boot=$(now_s)
@@ -236,14 +241,20 @@ run() {
     report_from_console "$CON" "$RUN_DIR/report.txt"
     console_text "$CON" | grep -a 'qemu-system' | sed 's/^/    qemu: /' >&2 || true
 
+    # shellcheck disable=SC2034 # read by judge_report through a nameref
     declare -A want=(
         [size_sectors]=$((IMAGE_MB * MiB / 512)) [logical_block_size]=512 [nr_queues]=$Q
         [read_only]=0 [serial]=$SERIAL [fio_rc]=0 [queues_used]=$Q [guest_io_errors]=0
         [host_pattern_md5]=$HOST_MD5 [discard_rc]=0 [write_zeroes_nonzero_bytes]=0
     )
     # the guest flushes a write-back disk, never a write-through one
-    if [[ $CACHE == writeback ]]; then want[write_cache]="write back" want[flushes_sent]=1; else
-        want[write_cache]="write through" want[flushes_sent]=0
+    if [[ $CACHE == writeback ]]; then
+        want[write_cache]="write back"
+        want[flushes_sent]=1
+    else
+        want[write_cache]="write through"
+        # shellcheck disable=SC2034 # read by judge_report through a nameref
+        want[flushes_sent]=0
     fi
     judge_report "$RUN_DIR/report.txt" "$CON" "$qrc" "$GUEST_TIMEOUT" want
     if [[ -z "$GUEST_RESULT" ]]; then return 1; fi

@@ -127,6 +127,7 @@ RUN_DIR=$(mktemp -d "${TMPDIR:-/tmp}/vublk-smoke.XXXXXX")
 export VUBLK_APT_MARK=$RUN_DIR/.apt-updated
 T0=$(date +%s)
 
+# shellcheck disable=SC2119 # no extra packages
 guest_setup
 
 case $BACKEND in

@@ -232,7 +232,7 @@ EOF
 }
 
 # ---------------------------------------------------------------- the <disk> element
-EXPORT_ARGS=(--socket "$SOCK" --file "$IMG" --queues $Q --queue-size $QS --serial $SERIAL)
+EXPORT_ARGS=(--socket "$SOCK" --file "$IMG" --queues "$Q" --queue-size "$QS" --serial "$SERIAL")
 
 have_attach_info() { "$VUBLK_BIN" attach-info --help >/dev/null 2>&1; }
 
@@ -390,7 +390,7 @@ run() {
     fi
     # what libvirt made of the <disk>: the vhost-user-blk-pci device and its chardev
     local qlog=$LV/log/qemu/$DOMAIN.log
-    grep -a -o "socket,id=[^ ]*path=$SOCK[^ ]*" "$qlog" | sed 's/^/    qemu -chardev /' >&2 || true
+    grep -a -o "socket,id=[^ ]*path=${SOCK}[^ ]*" "$qlog" | sed 's/^/    qemu -chardev /' >&2 || true
     grep -a -o '{"driver":"vhost-user-blk-pci"[^}]*}' "$qlog" | sed 's/^/    qemu -device /' >&2 || true
     grep -aq "path=$SOCK,reconnect" "$qlog" || cfg_fail "qemu_reconnect: libvirt's QEMU command line has no reconnect on the vhost-user chardev ($qlog)"
 
@@ -451,6 +451,7 @@ run() {
     grep -aq 'shutting down, reason=shutdown' "$qlog" || [[ $qrc != 0 ]] ||
         cfg_fail "shutdown_reason: QEMU did not stop because the guest powered off: $(grep -a 'shutting down' "$qlog" | tail -n1)"
 
+    # shellcheck disable=SC2034 # read by judge_report through a nameref
     declare -A want=(
         [size_sectors]=$((IMAGE_MB * MiB / 512)) [logical_block_size]=512 [nr_queues]=$Q
         [read_only]=0 [serial]=$SERIAL [fio_rc]=0 [queues_used]=$Q [guest_io_errors]=0

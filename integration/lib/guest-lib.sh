@@ -114,6 +114,7 @@ wait_socket() { # wait_socket SOCK PID LOG SECONDS
         if ! kill -0 "$2" 2>/dev/null; then
             local rc=0
             wait "$2" 2>/dev/null || rc=$?
+            # shellcheck disable=SC2034 # the caller's global
             BACKEND_PID=""
             cfg_fail "backend exited (status $rc) before creating its socket; its log: $(tail -n 5 "$3" | tr '\n' '|')"
             return 1
