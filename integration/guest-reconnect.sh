@@ -180,7 +180,7 @@ run() {
         -append "console=ttyS0 quiet panic=-1 ${params[*]}"
         -nic none -nographic -no-reboot)
     local ev
-    for ev in ${VUBLK_QEMU_TRACE//,/ }; do qemu+=(-trace "enable=$ev"); done
+    for ev in ${VUBLK_QEMU_TRACE:+${VUBLK_QEMU_TRACE//,/ }}; do qemu+=(-trace "enable=$ev"); done
     log "qemu ($ACCEL, timeout ${GUEST_TIMEOUT}s): ${qemu[*]}"
     local t_boot t_fio t
     t_boot=$(now_s)
