@@ -175,14 +175,16 @@ log_level = ${VUBLK_LIBVIRT_LOG_LEVEL:-3}
 log_filters = "3:rpc 3:event 3:object 3:util.json 3:util.threadpool 3:util.file 3:conf"
 log_outputs = "${VUBLK_LIBVIRT_LOG_LEVEL:-3}:file:$LV/libvirtd.log"
 EOF
-    # Each setting below and why it is needed here:
+    # Each setting below and why:
     cat >"$LV/etc/qemu.conf" <<EOF
 # private qemu.conf of integration/libvirt-guest.sh
-# no AppArmor/SELinux labelling in a test sandbox (DAC stays: QEMU runs as $QEMU_USER)
+# no AppArmor/SELinux profiles or labels for a test domain (DAC stays: QEMU runs as
+# $QEMU_USER); not needed where neither exists, but keeps a host that has them untouched
 security_driver = "none"
-# no cgroup controllers: the sandbox's cgroup tree is not libvirt's to manage
+# libvirt creates no cgroups for the domain: the host's cgroup tree stays as it is
 cgroup_controllers = [ ]
-# no per-domain mount namespace for /dev (libvirtd already runs in a private one)
+# needed: with its private /dev for QEMU, libvirt fails to start the domain ("Unable
+# to move .../1-NAME.kvm mount to /dev/kvm: Invalid argument") once /dev/kvm is hidden
 namespaces = [ ]
 # QEMU's stdout/stderr to a plain file, without virtlogd
 stdio_handler = "file"
