@@ -355,16 +355,31 @@ fn no_ready_and_no_pidfile_when_start_fails() {
     assert!(!pidfile.exists());
 }
 
+/// The pid file is written just after the socket starts accepting (before READY=1), so a test
+/// that saw the socket accept waits a little for it.
+fn assert_pidfile_names(pidfile: &Path, pid: u32) {
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    loop {
+        let text = std::fs::read_to_string(pidfile).unwrap_or_default();
+        if text.trim() == pid.to_string() {
+            return;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "pid file {} holds {text:?}, not {pid}",
+            pidfile.display()
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
 #[test]
 fn pidfile_of_a_live_daemon_is_refused_a_stale_one_replaced() {
     let dir = test_dir();
     let pidfile = dir.path().join("vublk.pid");
     let pid_arg = |c: Config| c.arg("--pidfile").arg(pidfile.to_str().unwrap());
     let mut first = Daemon::start_in(dir.clone(), pid_arg(Config::default()));
-    assert_eq!(
-        std::fs::read_to_string(&pidfile).unwrap().trim(),
-        first.pid().to_string()
-    );
+    assert_pidfile_names(&pidfile, first.pid());
 
     // A second daemon (its own image and socket) with the same pid file.
     let cfg = pid_arg(Config {
@@ -401,10 +416,7 @@ fn pidfile_of_a_live_daemon_is_refused_a_stale_one_replaced() {
     gone.wait().unwrap();
     std::fs::write(&pidfile, format!("{gone_pid}\n")).unwrap();
     let mut third = Daemon::start_in(dir.clone(), pid_arg(Config::default()));
-    assert_eq!(
-        std::fs::read_to_string(&pidfile).unwrap().trim(),
-        third.pid().to_string()
-    );
+    assert_pidfile_names(&pidfile, third.pid());
     assert!(third.terminate_and_wait(EXIT_TIMEOUT).success());
     assert!(!pidfile.exists());
 }
