@@ -32,8 +32,8 @@
 #
 # Environment:
 #   VUBLK_BACKEND        vublk (default) | qsd
-#   VUBLK_BIN            vublk binary (default target/release/vublk; built with
-#                        `cargo build --release` when it is the default and missing)
+#   VUBLK_BIN            vublk binary (default target/release/vublk, brought up to
+#                        date with `cargo build --release` first)
 #   VUBLK_CONFIGS        comma-separated configurations (default: all)
 #   VUBLK_ACCEL          auto (default) | tcg | kvm. auto boots a probe guest with
 #                        KVM and uses it only if that guest reports back in time

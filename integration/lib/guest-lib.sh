@@ -55,16 +55,15 @@ guest_setup() {
         setup_die "this qemu-system-x86_64 has no vhost-user-blk-pci device"
 }
 
-# Sets VUBLK_BIN: $VUBLK_BIN, else ROOT/target/release/vublk (built when missing).
+# Sets VUBLK_BIN: $VUBLK_BIN, else ROOT/target/release/vublk, rebuilt every time
+# (a no-op when it is up to date) so a stale binary is never what gets tested.
 resolve_vublk_bin() {
     local root=$1
     VUBLK_BIN=${VUBLK_BIN:-}
     if [[ -z "$VUBLK_BIN" ]]; then
         VUBLK_BIN=$root/target/release/vublk
-        if [[ ! -x "$VUBLK_BIN" ]]; then
-            log "building vublk: cargo build --release"
-            (cd "$root" && cargo build --release) >&2 || setup_die "cargo build --release failed: no vublk binary to test"
-        fi
+        log "building vublk: cargo build --release"
+        (cd "$root" && cargo build --release) >&2 || setup_die "cargo build --release failed: no vublk binary to test"
     fi
     [[ -x "$VUBLK_BIN" ]] || setup_die "vublk binary '$VUBLK_BIN' not found or not executable"
     "$VUBLK_BIN" serve --help >/dev/null 2>&1 || setup_die "'$VUBLK_BIN serve --help' failed: the binary has no working 'serve' command"
