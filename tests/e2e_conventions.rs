@@ -528,6 +528,9 @@ fn validator() -> &'static str {
                 .is_ok_and(|o| o.status.success())
         })
     };
+    // Tests run in parallel threads: one of them installs, the others wait for it.
+    static INSTALL: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    let _installing = INSTALL.lock().unwrap_or_else(|e| e.into_inner());
     if !have() {
         let script = repo().join(".ci/install-libvirt-validator");
         let st = Command::new("bash").arg(&script).status();

@@ -75,7 +75,7 @@ install_qemu_system() {
     apt_update_once
     if [[ -z "$utils_ver" ]]; then
         log "qemu-utils is not installed: installing qemu-system-x86 and qemu-utils at the default candidate"
-        apt-get install -y -q --no-install-recommends qemu-system-x86 qemu-utils >/dev/null ||
+        apt-get -o DPkg::Lock::Timeout=300 install -y -q --no-install-recommends qemu-system-x86 qemu-utils >/dev/null ||
             die "apt-get install qemu-system-x86 qemu-utils failed"
         return 0
     fi
@@ -91,7 +91,7 @@ install_qemu_system() {
         die "qemu-system-x86 version $utils_ver (= installed qemu-utils) is not available from any configured apt source; apt-cache madison qemu-system-x86 lists: $(apt-cache madison qemu-system-x86 | awk -F'|' '{gsub(/ /,"",$2); printf "%s ", $2}')"
     fi
     log "installing qemu-system-x86=$utils_ver ${target[*]}"
-    apt-get install -y -q --no-install-recommends "${target[@]}" "qemu-system-x86=$utils_ver" >/dev/null ||
+    apt-get -o DPkg::Lock::Timeout=300 install -y -q --no-install-recommends "${target[@]}" "qemu-system-x86=$utils_ver" >/dev/null ||
         die "apt-get install ${target[*]} qemu-system-x86=$utils_ver failed"
     img_after=$(qemu-img --version | head -n1)
     [[ "$img_after" == "$img_before" ]] ||
@@ -108,7 +108,7 @@ install_plain() {
     need_root "installing ${missing[*]}"
     apt_update_once
     log "installing ${missing[*]}"
-    apt-get install -y -q --no-install-recommends "${missing[@]}" >/dev/null ||
+    apt-get -o DPkg::Lock::Timeout=300 install -y -q --no-install-recommends "${missing[@]}" >/dev/null ||
         die "apt-get install ${missing[*]} failed"
 }
 
@@ -133,7 +133,7 @@ install_libvirt() {
     utils_before=$(pkg_version qemu-utils)
     sys_before=$(pkg_version qemu-system-x86)
     log "installing ${missing[*]} (dry run: nothing removed, QEMU untouched)"
-    apt-get install -y -q --no-install-recommends "${missing[@]}" >/dev/null || die "apt-get install ${missing[*]} failed"
+    apt-get -o DPkg::Lock::Timeout=300 install -y -q --no-install-recommends "${missing[@]}" >/dev/null || die "apt-get install ${missing[*]} failed"
     [[ "$(pkg_version qemu-utils)" == "$utils_before" && "$(pkg_version qemu-system-x86)" == "$sys_before" ]] ||
         die "installing libvirt changed QEMU: qemu-utils $utils_before -> $(pkg_version qemu-utils), qemu-system-x86 $sys_before -> $(pkg_version qemu-system-x86)"
 }
