@@ -1,0 +1,158 @@
+#!/usr/bin/env bash
+# Every I/O engine on every kind of backing that can be made here, measured through vublk's
+# socket without a VM, and whether `auto` picked the best (or within 5% of it).
+#
+# Backings: a fully written file, a fallocated (never written) file, a sparse file, a file
+# with its first half written, a file on tmpfs, and a loop block device (O_DIRECT loop over
+# a written file). Configurations: io-uring and threads with and without O_DIRECT, and
+# linux-aio (always O_DIRECT); the ones vublk refuses for a backing (O_DIRECT on tmpfs) are
+# left out. Workloads: 4k random read and write at QD1 and QD32, 128k sequential read QD8.
+# Files whose allocation a write would change are made again before every workload, so each
+# one measures the backing as named. The backend's page cache is capped (VUBLK_BENCH_CACHE_MB)
+# so that buffered engines cannot serve the image from RAM.
+#
+# Usage: integration/bench-engines.sh [--rounds N] [--size MB] [--out DIR] [--storage A,B]
+# Environment: as bench-vs-qsd.sh; VUBLK_BENCH_RUNTIME defaults to 5 here.
+# Needs root (losetup, mount, memory cgroup). Takes about
+#   rounds x 140 x (runtime + ramp + 1) seconds: 16 minutes with the defaults.
+set -euo pipefail
+export VUBLK_LOG_TAG=bench-engines
+VUBLK_BENCH_RUNTIME=${VUBLK_BENCH_RUNTIME:-5}
+VUBLK_BENCH_RAMP=${VUBLK_BENCH_RAMP:-1}
+# shellcheck source-path=SCRIPTDIR source=lib/bench.sh
+source "$(dirname "${BASH_SOURCE[0]}")/lib/bench.sh"
+ROOT=$(repo_root)
+
+ROUNDS=1
+SIZE_MB=2048
+OUT=$ROOT/target/bench/engines
+STORAGES=filled,fallocated,sparse,half-written,tmpfs,loop
+while [[ $# -gt 0 ]]; do
+    case $1 in
+        --rounds) ROUNDS=$2; shift 2 ;;
+        --size) SIZE_MB=$2; shift 2 ;;
+        --out) OUT=$2; shift 2 ;;
+        --storage) STORAGES=$2; shift 2 ;;
+        *) die "unknown argument '$1' (usage: bench-engines.sh [--rounds N] [--size MB] [--out DIR] [--storage A,B])" ;;
+    esac
+done
+[[ $ROUNDS =~ ^[1-9][0-9]*$ ]] || die "--rounds must be a positive number"
+need_root "losetup, mount and the memory cgroup"
+
+bench_setup "$ROOT"
+mkdir -p "$OUT"
+SOCK=$OUT/vhost.sock
+RESULTS=$OUT/results.jsonl
+TMPFS=$OUT/tmpfs
+LOOP=""
+: >"$RESULTS"
+cleanup() {
+    stop_backend
+    [[ -n $LOOP ]] && losetup -d "$LOOP" 2>/dev/null
+    mountpoint -q "$TMPFS" && umount "$TMPFS"
+    return 0
+}
+trap cleanup EXIT
+
+# make_backing KIND: (re)creates the backing of KIND and prints its path.
+make_backing() {
+    local f
+    case $1 in
+        filled | loop)
+            f=$OUT/filled.img
+            if [[ ! -f $f || $(stat -c %s "$f") != $((SIZE_MB << 20)) || $(du -m "$f" | cut -f1) -lt $SIZE_MB ]]; then
+                rm -f "$f"
+                fallocate -l "${SIZE_MB}M" "$f"
+                fill_file "$f" "$SIZE_MB"
+            fi
+            if [[ $1 == loop ]]; then
+                if [[ -z $LOOP ]]; then
+                    LOOP=$(losetup --find --show --direct-io=on "$f") || die "losetup failed"
+                fi
+                f=$LOOP
+            fi
+            ;;
+        fallocated)
+            f=$OUT/fallocated.img
+            rm -f "$f"
+            fallocate -l "${SIZE_MB}M" "$f"
+            ;;
+        sparse)
+            f=$OUT/sparse.img
+            rm -f "$f"
+            truncate -s "${SIZE_MB}M" "$f"
+            ;;
+        half-written)
+            f=$OUT/half-written.img
+            rm -f "$f"
+            truncate -s "${SIZE_MB}M" "$f"
+            fill_file "$f" "$SIZE_MB" $((SIZE_MB / 2))
+            ;;
+        tmpfs)
+            if ! mountpoint -q "$TMPFS"; then
+                mkdir -p "$TMPFS"
+                mount -t tmpfs -o size=$((SIZE_MB + 64))m vublk-bench "$TMPFS" || die "mounting tmpfs failed"
+            fi
+            f=$TMPFS/filled.img
+            [[ -f $f ]] || fill_file "$f" "$SIZE_MB"
+            ;;
+        *) die "unknown storage '$1' (filled, fallocated, sparse, half-written, tmpfs, loop)" ;;
+    esac
+    printf '%s\n' "$f"
+}
+
+# Whether writes change what the backing is (allocation), so it is made again per workload.
+mutable() { [[ $1 == fallocated || $1 == sparse || $1 == half-written ]]; }
+
+# name | engine | direct
+CONFIGS=(
+    "io-uring+direct|io-uring|on"
+    "io-uring+buffered|io-uring|off"
+    "linux-aio+direct|linux-aio|on"
+    "threads+buffered|threads|off"
+    "threads+direct|threads|on"
+)
+WORKLOADS=(
+    "randread-4k-qd1|--rw randread --bs 4k --iodepth 1"
+    "randread-4k-qd32|--rw randread --bs 4k --iodepth 32"
+    "read-128k-qd8|--rw read --bs 128k --iodepth 8"
+    "randwrite-4k-qd1|--rw randwrite --bs 4k --iodepth 1"
+    "randwrite-4k-qd32|--rw randwrite --bs 4k --iodepth 32"
+)
+
+# What auto picks for each backing, recorded once (from the pristine backing).
+IFS=, read -ra STORAGE_LIST <<<"$STORAGES"
+for s in "${STORAGE_LIST[@]}"; do
+    img=$(make_backing "$s")
+    python3 - "$s" "$("$VUBLK_BIN" probe --json "$img")" >>"$RESULTS" <<'EOF'
+import json, sys
+c = json.loads(sys.argv[2])["choice"]
+cfg = c["engine"].replace("_", "-") + ("+direct" if c["direct"] else "+buffered")
+print(json.dumps({"suite": "choice", "storage": sys.argv[1], "config": cfg, "why": "; ".join(c["reasons"])}))
+EOF
+    log "$s: auto chooses $(tail -n1 "$RESULTS")"
+done
+
+for ((round = 1; round <= ROUNDS; round++)); do
+    for s in "${STORAGE_LIST[@]}"; do
+        for c in "${CONFIGS[@]}"; do
+            IFS='|' read -r cname engine direct <<<"$c"
+            img=$(make_backing "$s")
+            if ! why=$("$VUBLK_BIN" probe --engine "$engine" --direct "$direct" "$img" 2>&1 >/dev/null); then
+                log "$s: $cname refused by vublk, not measured: $why"
+                continue
+            fi
+            for w in "${WORKLOADS[@]}"; do
+                wname=${w%%|*}
+                read -ra args <<<"${w#*|}"
+                mutable "$s" && img=$(make_backing "$s")
+                start_vublk "$OUT/vublk.log" --file "$img" --engine "$engine" --direct "$direct"
+                measure "{\"suite\":\"engines\",\"storage\":\"$s\",\"config\":\"$cname\",\"workload\":\"$wname\",\"round\":$round}" "${args[@]}"
+                stop_backend
+            done
+        done
+    done
+done
+
+python3 "$ROOT/integration/lib/summarize.py" engines "$RESULTS" | tee "$OUT/summary.md"
+log "results: $RESULTS, summary: $OUT/summary.md"
