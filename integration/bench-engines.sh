@@ -14,7 +14,8 @@
 # Usage: integration/bench-engines.sh [--rounds N] [--size MB] [--out DIR] [--storage A,B]
 # Environment: as bench-vs-qsd.sh; VUBLK_BENCH_RUNTIME defaults to 5 here.
 # Needs root (losetup, mount, memory cgroup). Takes about
-#   rounds x 140 x (runtime + ramp + 1) seconds: 16 minutes with the defaults.
+#   rounds x 140 x (runtime + ramp + 8) seconds (start-up, re-made backings): 35 minutes
+#   with the defaults.
 set -euo pipefail
 export VUBLK_LOG_TAG=bench-engines
 VUBLK_BENCH_RUNTIME=${VUBLK_BENCH_RUNTIME:-5}

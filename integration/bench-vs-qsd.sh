@@ -14,7 +14,7 @@
 # Environment: VUBLK_BENCH_RUNTIME (s, default 10), VUBLK_BENCH_RAMP (s, default 2),
 #   VUBLK_BENCH_CACHE_MB (page-cache cap for the backend, default 256), VUBLK_BIN, VUBLK_QSD_BIN.
 # Needs root (memory cgroup; fio is installed when missing). Takes about
-#   rounds x 14 x (runtime + ramp) seconds: 6 minutes with the defaults.
+#   rounds x 14 x (runtime + ramp) seconds plus the fill: about 9 minutes with the defaults.
 set -euo pipefail
 export VUBLK_LOG_TAG=bench-vs-qsd
 # shellcheck source-path=SCRIPTDIR source=lib/bench.sh
@@ -93,7 +93,7 @@ for ((round = 1; round <= ROUNDS; round++)); do
         start_vublk "$OUT/vublk-null.log" --null "${SIZE_MB}M" --queues "$q"
         run_null vublk "$round" "$q"
         stop_backend
-        start_qsd "$OUT/qsd-null.log" "driver=null-co,node-name=f0,size=${SIZE_MB}M,read-zeroes=on" "$q"
+        start_qsd "$OUT/qsd-null.log" "driver=null-co,node-name=f0,size=$((SIZE_MB << 20)),read-zeroes=on" "$q"
         run_null qsd "$round" "$q"
         stop_backend
     done
