@@ -28,6 +28,8 @@ pub struct ExportConfig {
     pub writeback: bool,
     /// Most I/O threads per queue for the thread-pool engine.
     pub io_threads: usize,
+    /// How long a queue thread polls for more work after a batch (zero: not at all).
+    pub poll: std::time::Duration,
     /// The engine every queue uses (see [`crate::policy`]).
     pub engine: EngineKind,
     /// Open the backing with O_DIRECT.
@@ -82,6 +84,8 @@ pub struct Export {
     pub write_cache: WriteCache,
     /// Most I/O threads per queue.
     pub io_threads: usize,
+    /// How long a queue thread polls for more work after a batch.
+    pub poll: std::time::Duration,
     /// The engine every queue uses.
     pub engine: EngineKind,
 }
@@ -174,6 +178,7 @@ impl Export {
             disk,
             write_cache: WriteCache::new(cfg.writeback),
             io_threads: cfg.io_threads,
+            poll: cfg.poll,
             engine: cfg.engine,
         })
     }
@@ -201,6 +206,7 @@ mod tests {
             logical_block_size: None,
             writeback: true,
             io_threads: 4,
+            poll: std::time::Duration::ZERO,
             engine: EngineKind::Threads,
             direct: false,
         }

@@ -127,6 +127,43 @@ impl QueueWorker {
         self.signal(vring);
     }
 
+    /// Busy-polls the ring and the engine for up to `budget` after the last work found
+    /// (`--poll-us`): a queue that stays busy is then served without a wake-up per kick.
+    fn poll_for_more(
+        &mut self,
+        dev: &DeviceState,
+        vring: &VringRwLock,
+        budget: std::time::Duration,
+    ) {
+        let mut deadline = std::time::Instant::now() + budget;
+        while !self.stopping && !self.broken && std::time::Instant::now() < deadline {
+            let mut found = false;
+            if self.engine.in_flight() > 0 {
+                let before = self.engine.in_flight();
+                self.process_completions(dev, vring, true);
+                found |= self.engine.in_flight() < before;
+            }
+            if !self.throttled && self.avail_pending(dev, vring) {
+                self.process_queue(dev, vring);
+                found = true;
+            }
+            if found {
+                deadline = std::time::Instant::now() + budget;
+            } else {
+                std::hint::spin_loop();
+            }
+        }
+    }
+
+    fn avail_pending(&self, dev: &DeviceState, vring: &VringRwLock) -> bool {
+        let mem = dev.mem.memory();
+        let state = vring.get_ref();
+        let q = state.get_queue();
+        q.ready()
+            && q.avail_idx(&*mem, Ordering::Acquire)
+                .is_ok_and(|i| i.0 != q.next_avail())
+    }
+
     /// Pops and starts requests while the engine has room and the ring runs.
     fn pop_requests(&mut self, dev: &DeviceState, vring: &VringRwLock) -> PassEnd {
         let mem = dev.mem.memory().into_inner();
@@ -351,6 +388,7 @@ impl QueueWorker {
 pub struct BlkBackend {
     dev: DeviceState,
     workers: Vec<Mutex<QueueWorker>>,
+    poll: std::time::Duration,
 }
 
 fn lock(w: &Mutex<QueueWorker>) -> MutexGuard<'_, QueueWorker> {
@@ -363,6 +401,7 @@ impl BlkBackend {
     /// Backend state for a new connection to `export`, with fresh guest memory and engines.
     pub fn new(export: Arc<Export>) -> io::Result<Self> {
         let queues = usize::from(export.disk.num_queues);
+        let export_poll = export.poll;
         let mut workers = Vec::with_capacity(queues);
         for index in 0..queues {
             let engine = engine::create(
@@ -392,6 +431,7 @@ impl BlkBackend {
                 flush_negotiated: AtomicBool::new(false),
             },
             workers,
+            poll: export_poll,
         })
     }
 
@@ -528,6 +568,9 @@ impl VhostUserBackend for BlkBackend {
             w.process_completions(&self.dev, vring, true);
         } else {
             w.process_queue(&self.dev, vring);
+        }
+        if !self.poll.is_zero() {
+            w.poll_for_more(&self.dev, vring, self.poll);
         }
         Ok(())
     }
