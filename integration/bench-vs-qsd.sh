@@ -12,7 +12,8 @@
 #
 # Usage: integration/bench-vs-qsd.sh [--rounds N] [--size MB] [--out DIR]
 # Environment: VUBLK_BENCH_RUNTIME (s, default 10), VUBLK_BENCH_RAMP (s, default 2),
-#   VUBLK_BENCH_CACHE_MB (page-cache cap for the backend, default 256), VUBLK_BIN, VUBLK_QSD_BIN.
+#   VUBLK_BENCH_CACHE_MB (page-cache cap for the backend, default 256), VUBLK_BIN, VUBLK_QSD_BIN,
+#   VUBLK_BENCH_VUBLK_ARGS (extra `vublk serve` options for every vublk run, e.g. "--poll-us 200").
 # Needs root (memory cgroup; fio is installed when missing). Takes about
 #   rounds x 14 x (runtime + ramp) seconds plus the fill: about 9 minutes with the defaults.
 set -euo pipefail
@@ -33,6 +34,7 @@ while [[ $# -gt 0 ]]; do
     esac
 done
 [[ $ROUNDS =~ ^[1-9][0-9]*$ ]] || die "--rounds must be a positive number"
+read -ra VUBLK_EXTRA <<<"${VUBLK_BENCH_VUBLK_ARGS:-}"
 
 bench_setup "$ROOT"
 mkdir -p "$OUT"
@@ -48,6 +50,7 @@ if [[ ! -f $IMG || $(stat -c %s "$IMG") != $((SIZE_MB << 20)) ]]; then
     fallocate -l "${SIZE_MB}M" "$IMG"
     fill_file "$IMG" "$SIZE_MB"
 fi
+[[ ${#VUBLK_EXTRA[@]} -eq 0 ]] || log "extra vublk options: ${VUBLK_EXTRA[*]}"
 log "vublk's choice for it: $("$VUBLK_BIN" probe "$IMG" | grep -i -m1 'engine' || true)"
 
 # name | vublk bench arguments
@@ -80,7 +83,7 @@ for ((round = 1; round <= ROUNDS; round++)); do
         "$IMG" --rw=randread --bs=4k --iodepth=1
 
     log "round $round/$ROUNDS: vublk (engine auto)"
-    start_vublk "$OUT/vublk.log" --file "$IMG"
+    start_vublk "$OUT/vublk.log" --file "$IMG" "${VUBLK_EXTRA[@]}"
     run_storage vublk "$round"
     stop_backend
     log "round $round/$ROUNDS: qemu-storage-daemon (aio=io_uring, cache.direct=on)"
@@ -90,7 +93,7 @@ for ((round = 1; round <= ROUNDS; round++)); do
 
     for q in 1 2; do
         log "round $round/$ROUNDS: null backings, $q queue(s)"
-        start_vublk "$OUT/vublk-null.log" --null "${SIZE_MB}M" --queues "$q"
+        start_vublk "$OUT/vublk-null.log" --null "${SIZE_MB}M" --queues "$q" "${VUBLK_EXTRA[@]}"
         run_null vublk "$round" "$q"
         stop_backend
         start_qsd "$OUT/qsd-null.log" "driver=null-co,node-name=f0,size=$((SIZE_MB << 20)),read-zeroes=on" "$q"

@@ -8,6 +8,7 @@ use std::io;
 use std::os::unix::io::RawFd;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::time::{Duration, Instant};
 
 use log::Level;
 use vhost::vhost_user::message::{VhostUserProtocolFeatures, VhostUserVirtioFeatures};
@@ -84,6 +85,10 @@ struct QueueWorker {
     /// The driver broke the ring (e.g. an avail index beyond its size): take nothing from it
     /// until the frontend stops and restarts it.
     broken: bool,
+    /// Current poll window (see [`QueueWorker::adapt_poll_window`]).
+    poll_window: Duration,
+    /// When this thread last went back to waiting for events, while polling is on.
+    sleep_since: Option<Instant>,
 }
 
 impl QueueWorker {
@@ -127,16 +132,30 @@ impl QueueWorker {
         self.signal(vring);
     }
 
-    /// Busy-polls the ring and the engine for up to `budget` after the last work found
-    /// (`--poll-us`): a queue that stays busy is then served without a wake-up per kick.
-    fn poll_for_more(
-        &mut self,
-        dev: &DeviceState,
-        vring: &VringRwLock,
-        budget: std::time::Duration,
-    ) {
-        let mut deadline = std::time::Instant::now() + budget;
-        while !self.stopping && !self.broken && std::time::Instant::now() < deadline {
+    /// Adapts the poll window (`--poll-us`, at most `max`) to how long this thread slept
+    /// before the event now being handled: a sleep the window would have covered grows it,
+    /// one longer than `max` shrinks it (to nothing, where work never comes that fast).
+    fn adapt_poll_window(&mut self, max: Duration) {
+        let Some(since) = self.sleep_since.take() else {
+            return;
+        };
+        let slept = since.elapsed();
+        if slept > max {
+            self.poll_window /= 2;
+            if self.poll_window < max / 16 {
+                self.poll_window = Duration::ZERO;
+            }
+        } else if slept > self.poll_window {
+            self.poll_window = (self.poll_window * 2).clamp(max / 16, max);
+        }
+    }
+
+    /// Busy-polls the ring and the engine for the current window after the last work found,
+    /// so that a queue that stays busy is served without a wake-up per kick.
+    fn poll_for_more(&mut self, dev: &DeviceState, vring: &VringRwLock) {
+        let window = self.poll_window;
+        let mut deadline = Instant::now() + window;
+        while !self.stopping && !self.broken && Instant::now() < deadline {
             let mut found = false;
             if self.engine.in_flight() > 0 {
                 let before = self.engine.in_flight();
@@ -148,7 +167,7 @@ impl QueueWorker {
                 found = true;
             }
             if found {
-                deadline = std::time::Instant::now() + budget;
+                deadline = Instant::now() + window;
             } else {
                 std::hint::spin_loop();
             }
@@ -388,7 +407,7 @@ impl QueueWorker {
 pub struct BlkBackend {
     dev: DeviceState,
     workers: Vec<Mutex<QueueWorker>>,
-    poll: std::time::Duration,
+    poll: Duration,
 }
 
 fn lock(w: &Mutex<QueueWorker>) -> MutexGuard<'_, QueueWorker> {
@@ -421,6 +440,8 @@ impl BlkBackend {
                 throttled: false,
                 stopping: false,
                 broken: false,
+                poll_window: export_poll,
+                sleep_since: None,
             }));
         }
         Ok(BlkBackend {
@@ -570,7 +591,9 @@ impl VhostUserBackend for BlkBackend {
             w.process_queue(&self.dev, vring);
         }
         if !self.poll.is_zero() {
-            w.poll_for_more(&self.dev, vring, self.poll);
+            w.adapt_poll_window(self.poll);
+            w.poll_for_more(&self.dev, vring);
+            w.sleep_since = Some(Instant::now());
         }
         Ok(())
     }
