@@ -104,7 +104,16 @@ fn many_reconnects() {
 
 #[test]
 fn disconnect_with_requests_in_flight() {
-    let mut d = Daemon::start(Config::default().queues(2).image_pattern(32 << 20, 5));
+    disconnect_with_requests_in_flight_cfg(Config::default());
+}
+
+#[test]
+fn disconnect_with_requests_in_flight_while_polling() {
+    disconnect_with_requests_in_flight_cfg(Config::default().arg("--poll-us").arg("1000"));
+}
+
+fn disconnect_with_requests_in_flight_cfg(cfg: Config) {
+    let mut d = Daemon::start(cfg.queues(2).image_pattern(32 << 20, 5));
     let mut fe = RawFrontend::connect(&d.socket);
     let mut heads = [Vec::new(), Vec::new()];
     for i in 0..60usize {
@@ -128,21 +137,22 @@ fn disconnect_with_requests_in_flight() {
 
 #[test]
 fn sigterm_with_io_in_flight() {
-    sigterm_with_io_in_flight_mode("writeback");
+    sigterm_with_io_in_flight_mode("writeback", Config::default());
 }
 
 #[test]
 fn sigterm_with_io_in_flight_writethrough() {
-    sigterm_with_io_in_flight_mode("writethrough");
+    sigterm_with_io_in_flight_mode("writethrough", Config::default());
 }
 
-fn sigterm_with_io_in_flight_mode(mode: &str) {
-    let mut d = Daemon::start(
-        Config::default()
-            .queues(2)
-            .image_pattern(32 << 20, 6)
-            .write_cache(mode),
-    );
+#[test]
+fn sigterm_with_io_in_flight_while_polling() {
+    let polling = Config::default().arg("--poll-us").arg("1000");
+    sigterm_with_io_in_flight_mode("writeback", polling);
+}
+
+fn sigterm_with_io_in_flight_mode(mode: &str, cfg: Config) {
+    let mut d = Daemon::start(cfg.queues(2).image_pattern(32 << 20, 6).write_cache(mode));
     let before = read_file(&d.image);
     let mut fe = RawFrontend::connect(&d.socket);
     for q in &mut fe.queues {
