@@ -55,7 +55,8 @@ cleanup() {
 }
 trap cleanup EXIT
 
-# make_backing KIND: (re)creates the backing of KIND and prints its path.
+# make_backing KIND: (re)creates the backing of KIND; sets BACKING to its path. Not run in a
+# subshell: the loop device it sets up once must be remembered (LOOP) and detached at exit.
 make_backing() {
     local f
     case $1 in
@@ -99,7 +100,7 @@ make_backing() {
             ;;
         *) die "unknown storage '$1' (filled, fallocated, sparse, half-written, tmpfs, loop)" ;;
     esac
-    printf '%s\n' "$f"
+    BACKING=$f
 }
 
 # Whether writes change what the backing is (allocation), so it is made again per workload.
@@ -124,7 +125,8 @@ WORKLOADS=(
 # What auto picks for each backing, recorded once (from the pristine backing).
 IFS=, read -ra STORAGE_LIST <<<"$STORAGES"
 for s in "${STORAGE_LIST[@]}"; do
-    img=$(make_backing "$s")
+    make_backing "$s"
+    img=$BACKING
     python3 - "$s" "$("$VUBLK_BIN" probe --json "$img")" >>"$RESULTS" <<'EOF'
 import json, sys
 c = json.loads(sys.argv[2])["choice"]
@@ -138,7 +140,8 @@ for ((round = 1; round <= ROUNDS; round++)); do
     for s in "${STORAGE_LIST[@]}"; do
         for c in "${CONFIGS[@]}"; do
             IFS='|' read -r cname engine direct <<<"$c"
-            img=$(make_backing "$s")
+            make_backing "$s"
+            img=$BACKING
             if ! why=$("$VUBLK_BIN" probe --engine "$engine" --direct "$direct" "$img" 2>&1 >/dev/null); then
                 log "$s: $cname refused by vublk, not measured: $why"
                 continue
@@ -146,7 +149,10 @@ for ((round = 1; round <= ROUNDS; round++)); do
             for w in "${WORKLOADS[@]}"; do
                 wname=${w%%|*}
                 read -ra args <<<"${w#*|}"
-                mutable "$s" && img=$(make_backing "$s")
+                if mutable "$s"; then
+                    make_backing "$s"
+                    img=$BACKING
+                fi
                 start_vublk "$OUT/vublk.log" --file "$img" --engine "$engine" --direct "$direct"
                 measure "{\"suite\":\"engines\",\"storage\":\"$s\",\"config\":\"$cname\",\"workload\":\"$wname\",\"round\":$round}" "${args[@]}"
                 stop_backend

@@ -91,6 +91,9 @@ struct QueueWorker {
     sleep_since: Option<Instant>,
 }
 
+/// The longest a queue thread polls in one go (see [`QueueWorker::poll_for_more`]).
+const POLL_SESSION_LIMIT: Duration = Duration::from_millis(2);
+
 impl QueueWorker {
     fn process_queue(&mut self, dev: &DeviceState, vring: &VringRwLock) {
         if self.stopping {
@@ -151,17 +154,21 @@ impl QueueWorker {
     }
 
     /// Busy-polls the ring and the engine for the current window after the last work found,
-    /// so that a queue that stays busy is served without a wake-up per kick.
+    /// so that a queue that stays busy is served without a wake-up per kick. A session never
+    /// lasts longer than [`POLL_SESSION_LIMIT`]: a guest that keeps the queue busy must not
+    /// keep this worker's lock from a stop (quiesce, drain) that waits for it.
     fn poll_for_more(&mut self, dev: &DeviceState, vring: &VringRwLock) {
         let window = self.poll_window;
-        let mut deadline = Instant::now() + window;
-        while !self.stopping && !self.broken && Instant::now() < deadline {
-            let mut found = false;
-            if self.engine.in_flight() > 0 {
-                let before = self.engine.in_flight();
-                self.process_completions(dev, vring, true);
-                found |= self.engine.in_flight() < before;
+        let start = Instant::now();
+        let mut deadline = start + window;
+        let session_end = start + POLL_SESSION_LIMIT;
+        loop {
+            let now = Instant::now();
+            if self.stopping || self.broken || now >= deadline || now >= session_end {
+                return;
             }
+            let mut found =
+                self.engine.in_flight() > 0 && self.process_completions(dev, vring, true) > 0;
             if !self.throttled && self.avail_pending(dev, vring) {
                 self.process_queue(dev, vring);
                 found = true;
@@ -304,9 +311,21 @@ impl QueueWorker {
     }
 
     /// Completes finished I/O; resumes popping if the last pass was throttled and `resume`.
-    fn process_completions(&mut self, dev: &DeviceState, vring: &VringRwLock, resume: bool) {
+    /// Finishes what the engine completed; returns how many. With nothing finished there is
+    /// nothing to signal and no slot to resume on.
+    fn process_completions(
+        &mut self,
+        dev: &DeviceState,
+        vring: &VringRwLock,
+        resume: bool,
+    ) -> usize {
         let mut done = std::mem::take(&mut self.completions);
         self.engine.reap(&mut done);
+        let finished = done.len();
+        if finished == 0 {
+            self.completions = done;
+            return 0;
+        }
         for c in done.drain(..) {
             let status = match c.result {
                 Ok(()) => VIRTIO_BLK_S_OK,
@@ -329,6 +348,7 @@ impl QueueWorker {
         } else {
             self.signal(vring);
         }
+        finished
     }
 
     /// Finishes a request: status byte, then the used ring. Every request ends here, except
@@ -383,7 +403,9 @@ impl QueueWorker {
         let mut waited_s = 0;
         while self.engine.in_flight() > 0 {
             match wait_readable(self.engine.completion_fd(), 1000) {
-                Ok(true) => self.process_completions(dev, &vring, false),
+                Ok(true) => {
+                    self.process_completions(dev, &vring, false);
+                }
                 Ok(false) => {
                     waited_s += 1;
                     if waited_s % 10 == 0 {
@@ -407,7 +429,6 @@ impl QueueWorker {
 pub struct BlkBackend {
     dev: DeviceState,
     workers: Vec<Mutex<QueueWorker>>,
-    poll: Duration,
 }
 
 fn lock(w: &Mutex<QueueWorker>) -> MutexGuard<'_, QueueWorker> {
@@ -420,7 +441,6 @@ impl BlkBackend {
     /// Backend state for a new connection to `export`, with fresh guest memory and engines.
     pub fn new(export: Arc<Export>) -> io::Result<Self> {
         let queues = usize::from(export.disk.num_queues);
-        let export_poll = export.poll;
         let mut workers = Vec::with_capacity(queues);
         for index in 0..queues {
             let engine = engine::create(
@@ -440,7 +460,7 @@ impl BlkBackend {
                 throttled: false,
                 stopping: false,
                 broken: false,
-                poll_window: export_poll,
+                poll_window: export.poll,
                 sleep_since: None,
             }));
         }
@@ -452,7 +472,6 @@ impl BlkBackend {
                 flush_negotiated: AtomicBool::new(false),
             },
             workers,
-            poll: export_poll,
         })
     }
 
@@ -590,8 +609,9 @@ impl VhostUserBackend for BlkBackend {
         } else {
             w.process_queue(&self.dev, vring);
         }
-        if !self.poll.is_zero() {
-            w.adapt_poll_window(self.poll);
+        let poll = self.dev.export.poll;
+        if !poll.is_zero() {
+            w.adapt_poll_window(poll);
             w.poll_for_more(&self.dev, vring);
             w.sleep_since = Some(Instant::now());
         }

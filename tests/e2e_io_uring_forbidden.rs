@@ -6,7 +6,6 @@
 
 mod common;
 
-use std::ffi::OsString;
 use std::os::unix::process::CommandExt;
 use std::process::Command;
 use std::time::Duration;
@@ -15,7 +14,7 @@ use serde_json::Value;
 
 use common::blk::pattern;
 use common::blkio_fe::BlkioDev;
-use common::daemon::{Daemon, test_dir, vublk_bin};
+use common::daemon::{Config, Daemon, test_dir, vublk_bin};
 use common::read_file_at;
 
 const SIZE: u64 = 8 << 20;
@@ -144,7 +143,7 @@ fn auto_falls_back_to_linux_aio_and_says_why() {
 
 #[test]
 fn explicit_io_uring_is_refused_by_probe_and_at_startup() {
-    let (dir, img) = written_image();
+    let (_dir, img) = written_image();
     let out = probe_without_io_uring(&["--engine", "io-uring", img.to_str().unwrap()]);
     assert!(!out.status.success(), "{out:?}");
     let err = String::from_utf8_lossy(&out.stderr);
@@ -153,20 +152,11 @@ fn explicit_io_uring_is_refused_by_probe_and_at_startup() {
         "{err}"
     );
 
-    let socket = dir.path().join("vhost.sock");
-    let args: Vec<OsString> = ["serve", "--engine", "io-uring", "--socket"]
-        .iter()
-        .map(OsString::from)
-        .chain([socket.clone().into(), "--file".into(), img.clone().into()])
-        .collect();
-    let mut d = Daemon::spawn_with(
-        dir.clone(),
-        &args,
-        socket.clone(),
-        img,
-        "info",
-        forbid_io_uring,
-    );
+    let cfg = Config::default()
+        .image_pattern(SIZE, 7)
+        .arg("--engine")
+        .arg("io-uring");
+    let mut d = Daemon::spawn_cfg_with(test_dir(), &cfg, forbid_io_uring);
     let st = d
         .wait_exit(Duration::from_secs(10))
         .expect("vublk serve --engine io-uring must exit when io_uring is forbidden");
@@ -176,21 +166,16 @@ fn explicit_io_uring_is_refused_by_probe_and_at_startup() {
         log.contains("--engine io-uring cannot work here") && log.contains("not permitted"),
         "{log}"
     );
-    assert!(!socket.exists(), "a refused export must not leave a socket");
+    assert!(
+        !d.socket.exists(),
+        "a refused export must not leave a socket"
+    );
 }
 
 #[test]
 fn auto_serves_through_linux_aio_without_io_uring() {
-    let (dir, img) = written_image();
-    let socket = dir.path().join("vhost.sock");
-    let args: Vec<OsString> = vec![
-        "serve".into(),
-        "--socket".into(),
-        socket.clone().into(),
-        "--file".into(),
-        img.clone().into(),
-    ];
-    let mut d = Daemon::spawn_with(dir.clone(), &args, socket, img, "info", forbid_io_uring);
+    let cfg = Config::default().image_pattern(SIZE, 9);
+    let mut d = Daemon::spawn_cfg_with(test_dir(), &cfg, forbid_io_uring);
     d.wait_ready(Duration::from_secs(10)).unwrap();
     let log = d.stderr_text();
     assert!(

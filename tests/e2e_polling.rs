@@ -10,16 +10,7 @@ use common::blk::pattern;
 use common::blkio_fe::BlkioDev;
 use common::daemon::{Config, Daemon};
 use common::read_file_at;
-
-/// CPU time (user + system) the process has used, in clock ticks.
-fn cpu_ticks(pid: u32) -> u64 {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
-    // Fields after the command name, which is in parentheses and may contain spaces.
-    let rest = &stat[stat.rfind(')').unwrap() + 2..];
-    let f: Vec<&str> = rest.split(' ').collect();
-    // utime and stime are fields 14 and 15 of the whole line: 12 and 13 after the name.
-    f[11].parse::<u64>().unwrap() + f[12].parse::<u64>().unwrap()
-}
+use vublk::bench::cpu::CpuProbe;
 
 #[test]
 fn polling_queues_serve_wake_after_idle_and_stop_spinning() {
@@ -43,11 +34,12 @@ fn polling_queues_serve_wake_after_idle_and_stop_spinning() {
     }
 
     // Idle: after the window the queue threads sleep. A thread that kept spinning would burn
-    // about 100 ticks (1 s) per queue here.
+    // a whole second (typically 100 ticks) per queue here.
     std::thread::sleep(Duration::from_millis(100));
-    let before = cpu_ticks(d.pid());
+    let cpu = CpuProbe::new(d.pid()).unwrap();
+    let before = cpu.ticks().unwrap();
     std::thread::sleep(Duration::from_secs(1));
-    let used = cpu_ticks(d.pid()) - before;
+    let used = cpu.ticks().unwrap() - before;
     assert!(used <= 10, "an idle export used {used} ticks of CPU in 1 s");
     drop(dev);
     assert!(d.terminate_and_wait(Duration::from_secs(10)).success());

@@ -40,7 +40,9 @@ bench_setup() {
     setup_cache_cgroup
 }
 
-# A cgroup-v1 memory group that caps the page cache charged to the backend.
+# A memory cgroup that caps the page cache charged to the backend: cgroup v1 (what these
+# machines have); the v2 branches are untested and need the memory controller enabled for
+# the parent's children.
 setup_cache_cgroup() {
     [[ $CACHE_LIMIT_MB == 0 ]] && return 0
     local base=/sys/fs/cgroup/memory

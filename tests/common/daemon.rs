@@ -254,11 +254,20 @@ impl Daemon {
 
     /// Create the image (if configured) and spawn, without waiting.
     pub fn spawn_cfg(dir: Arc<TempDir>, cfg: &Config) -> Daemon {
+        Self::spawn_cfg_with(dir, cfg, |_| {})
+    }
+
+    /// Like [`Daemon::spawn_cfg`], with `customize` adjusting the command first.
+    pub fn spawn_cfg_with(
+        dir: Arc<TempDir>,
+        cfg: &Config,
+        customize: impl FnOnce(&mut Command),
+    ) -> Daemon {
         let image = dir.path().join(&cfg.image_name);
         create_image(&image, &cfg.image);
         let socket = dir.path().join(&cfg.socket_name);
         let args = cfg.args(dir.path());
-        Self::spawn_args(dir, &args, socket, image, &cfg.rust_log)
+        Self::spawn_with(dir, &args, socket, image, &cfg.rust_log, customize)
     }
 
     /// Spawn with explicit arguments (vublk only).
