@@ -6,16 +6,19 @@
 # with its first half written, a file on tmpfs, and a loop block device (O_DIRECT loop over
 # a written file). Configurations: io-uring and threads with and without O_DIRECT, and
 # linux-aio (always O_DIRECT); the ones vublk refuses for a backing (O_DIRECT on tmpfs) are
-# left out. Workloads: 4k random read and write at QD1 and QD32, 128k sequential read QD8.
+# left out. Workloads: 4k random read and write at QD1 and QD32, 128k sequential read QD8 with
+# the frontend's buffers in 4 KiB pages and in 2 MiB huge pages (guests of vhost-user
+# backends often have huge-page RAM; it decides how many segments an O_DIRECT request has).
+# Writes run longer (VUBLK_BENCH_WRITE_RUNTIME, default 20 s): a short run flatters the page
+# cache, which absorbs writes until writeback catches up.
 # Files whose allocation a write would change are made again before every workload, so each
 # one measures the backing as named. The backend's page cache is capped (VUBLK_BENCH_CACHE_MB)
 # so that buffered engines cannot serve the image from RAM.
 #
 # Usage: integration/bench-engines.sh [--rounds N] [--size MB] [--out DIR] [--storage A,B]
 # Environment: as bench-vs-qsd.sh; VUBLK_BENCH_RUNTIME defaults to 5 here.
-# Needs root (losetup, mount, memory cgroup). Takes about
-#   rounds x 140 x (runtime + ramp + 8) seconds (start-up, re-made backings): 35 minutes
-#   with the defaults.
+# Needs root (losetup, mount, memory cgroup, huge pages). Takes about 40 minutes per round
+# with the defaults.
 set -euo pipefail
 export VUBLK_LOG_TAG=bench-engines
 VUBLK_BENCH_RUNTIME=${VUBLK_BENCH_RUNTIME:-5}
@@ -51,6 +54,7 @@ cleanup() {
     stop_backend
     [[ -n $LOOP ]] && losetup -d "$LOOP" 2>/dev/null
     mountpoint -q "$TMPFS" && umount "$TMPFS"
+    restore_hugepages
     return 0
 }
 trap cleanup EXIT
@@ -114,13 +118,17 @@ CONFIGS=(
     "threads+buffered|threads|off"
     "threads+direct|threads|on"
 )
+WRITE_RUNTIME=${VUBLK_BENCH_WRITE_RUNTIME:-20}
+# name | vublk bench arguments | measured seconds
 WORKLOADS=(
-    "randread-4k-qd1|--rw randread --bs 4k --iodepth 1"
-    "randread-4k-qd32|--rw randread --bs 4k --iodepth 32"
-    "read-128k-qd8|--rw read --bs 128k --iodepth 8"
-    "randwrite-4k-qd1|--rw randwrite --bs 4k --iodepth 1"
-    "randwrite-4k-qd32|--rw randwrite --bs 4k --iodepth 32"
+    "randread-4k-qd1|--rw randread --bs 4k --iodepth 1|$RUNTIME"
+    "randread-4k-qd32|--rw randread --bs 4k --iodepth 32|$RUNTIME"
+    "read-128k-qd8|--rw read --bs 128k --iodepth 8|$RUNTIME"
+    "read-128k-qd8-hugepages|--rw read --bs 128k --iodepth 8 --hugepages|$RUNTIME"
+    "randwrite-4k-qd1|--rw randwrite --bs 4k --iodepth 1|$WRITE_RUNTIME"
+    "randwrite-4k-qd32|--rw randwrite --bs 4k --iodepth 32|$WRITE_RUNTIME"
 )
+reserve_hugepages 2
 
 # What auto picks for each backing, recorded once (from the pristine backing).
 IFS=, read -ra STORAGE_LIST <<<"$STORAGES"
@@ -147,14 +155,14 @@ for ((round = 1; round <= ROUNDS; round++)); do
                 continue
             fi
             for w in "${WORKLOADS[@]}"; do
-                wname=${w%%|*}
-                read -ra args <<<"${w#*|}"
+                IFS='|' read -r wname wargs secs <<<"$w"
+                read -ra args <<<"$wargs"
                 if mutable "$s"; then
                     make_backing "$s"
                     img=$BACKING
                 fi
                 start_vublk "$OUT/vublk.log" --file "$img" --engine "$engine" --direct "$direct"
-                measure "{\"suite\":\"engines\",\"storage\":\"$s\",\"config\":\"$cname\",\"workload\":\"$wname\",\"round\":$round}" "${args[@]}"
+                MEASURE_RUNTIME=$secs measure "{\"suite\":\"engines\",\"storage\":\"$s\",\"config\":\"$cname\",\"workload\":\"$wname\",\"round\":$round}" "${args[@]}"
                 stop_backend
             done
         done

@@ -5,8 +5,9 @@
 # as zeros without touching the device and would flatter every backend). They run in turn,
 # A B A B (--rounds), each measured by the same `vublk bench` frontend (libblkio), and the
 # summary prints medians and vublk/qsd ratios next to the targets of README "Performance":
-#   * 4k random read QD32 and QD1, 4k random write QD32, 128k sequential read QD8:
-#     vublk's auto engine vs qsd with aio=io_uring,cache.direct=on, one queue;
+#   * 4k random read QD32 and QD1, 4k random write QD32, 128k sequential read QD8 (also with
+#     the frontend's buffers in 2 MiB huge pages): vublk's auto engine vs qsd with
+#     aio=io_uring,cache.direct=on, one queue;
 #   * transport only: vublk --null vs qsd's null-co driver, 4k random read QD32, 1 and 2 queues;
 #   * the host figure: fio directly on the image (O_DIRECT, io_uring), the physical limit.
 #
@@ -14,8 +15,8 @@
 # Environment: VUBLK_BENCH_RUNTIME (s, default 10), VUBLK_BENCH_RAMP (s, default 2),
 #   VUBLK_BENCH_CACHE_MB (page-cache cap for the backend, default 256), VUBLK_BIN, VUBLK_QSD_BIN,
 #   VUBLK_BENCH_VUBLK_ARGS (extra `vublk serve` options for every vublk run, e.g. "--poll-us 200").
-# Needs root (memory cgroup; fio is installed when missing). Takes about
-#   rounds x 14 x (runtime + ramp) seconds plus the fill: about 9 minutes with the defaults.
+# Needs root (memory cgroup, huge pages; fio is installed when missing). Takes about
+#   rounds x 18 x (runtime + ramp) seconds plus the fill: about 11 minutes with the defaults.
 set -euo pipefail
 export VUBLK_LOG_TAG=bench-vs-qsd
 # shellcheck source-path=SCRIPTDIR source=lib/bench.sh
@@ -42,7 +43,7 @@ IMG=$OUT/filled.img
 SOCK=$OUT/vhost.sock
 RESULTS=$OUT/results.jsonl
 : >"$RESULTS"
-trap 'stop_backend' EXIT
+trap 'stop_backend; restore_hugepages' EXIT
 
 if [[ ! -f $IMG || $(stat -c %s "$IMG") != $((SIZE_MB << 20)) ]]; then
     log "filling a ${SIZE_MB} MiB image with written data: $IMG"
@@ -59,7 +60,9 @@ WORKLOADS=(
     "randread-4k-qd1|--rw randread --bs 4k --iodepth 1"
     "randwrite-4k-qd32|--rw randwrite --bs 4k --iodepth 32"
     "read-128k-qd8|--rw read --bs 128k --iodepth 8"
+    "read-128k-qd8-hugepages|--rw read --bs 128k --iodepth 8 --hugepages"
 )
+reserve_hugepages 2
 
 run_storage() { # run_storage BACKEND ROUND
     local w name args
@@ -81,6 +84,10 @@ for ((round = 1; round <= ROUNDS; round++)); do
         "$IMG" --rw=randread --bs=4k --iodepth=32
     host_fio "{\"suite\":\"storage\",\"backend\":\"host\",\"workload\":\"randread-4k-qd1\",\"round\":$round}" \
         "$IMG" --rw=randread --bs=4k --iodepth=1
+    host_fio "{\"suite\":\"storage\",\"backend\":\"host\",\"workload\":\"randwrite-4k-qd32\",\"round\":$round}" \
+        "$IMG" --rw=randwrite --bs=4k --iodepth=32
+    host_fio "{\"suite\":\"storage\",\"backend\":\"host\",\"workload\":\"read-128k-qd8\",\"round\":$round}" \
+        "$IMG" --rw=read --bs=128k --iodepth=8
 
     log "round $round/$ROUNDS: vublk (engine auto)"
     start_vublk "$OUT/vublk.log" --file "$IMG" "${VUBLK_EXTRA[@]}"

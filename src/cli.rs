@@ -265,6 +265,10 @@ pub struct BenchArgs {
     /// Seed of offsets and data (the verify generation) [default: random, reported].
     #[arg(long, value_parser = parse_seed)]
     pub seed: Option<u64>,
+    /// Put the I/O buffers in 2 MiB huge pages, like a guest whose RAM is backed by huge
+    /// pages (needs free pages in /proc/sys/vm/nr_hugepages).
+    #[arg(long)]
+    pub hugepages: bool,
 }
 
 fn parse_seed(s: &str) -> Result<u64, String> {
@@ -299,6 +303,7 @@ impl BenchArgs {
             progress: self.progress || (stderr_is_tty && (long_run || verify.is_some())),
             verify,
             seed: self.seed,
+            huge_pages: self.hugepages,
         }
     }
 }

@@ -3,13 +3,15 @@
 //! [`choose`] is a pure function of what the probe found ([`ProbeReport`]), what the kernel
 //! allows ([`KernelCaps`]) and what the operator asked for ([`Request`]). The rules:
 //!
-//! * Native AIO with O_DIRECT is for storage whose blocks already exist: block devices, and
-//!   fully allocated files on local or network file systems that support O_DIRECT. There the
-//!   submitting thread never waits for the file system.
+//! * Native AIO with O_DIRECT is for storage whose blocks already exist and are written: block
+//!   devices, and fully allocated files on local or network file systems that support
+//!   O_DIRECT. There the file system has nothing to do on a write.
 //! * Everything else gets the thread pool with the page cache: sparse files (a write into a
 //!   hole makes the file system allocate, and a native submission would stall the queue
-//!   thread meanwhile), copy-on-write files (every write allocates), tmpfs (no O_DIRECT, the
-//!   page cache is the storage), stacked and unknown file systems.
+//!   thread meanwhile), files that are mostly fallocated but unwritten (every first write
+//!   converts an extent; see [`UNWRITTEN_LIMIT_PERCENT`]), copy-on-write files (every write
+//!   allocates), tmpfs (no O_DIRECT, the page cache is the storage), stacked and unknown file
+//!   systems.
 //! * "Native" is io_uring where the kernel allows it, else Linux AIO, else the thread pool.
 //! * O_DIRECT also needs the export's logical block size to be a multiple of the backing's
 //!   O_DIRECT offset alignment; otherwise I/O goes through the page cache.
@@ -262,10 +264,32 @@ fn storage_verdict(probe: &ProbeReport, direct_ok: &Result<u32, String>) -> Verd
                     ));
                     false
                 }
-                Some(_) => {
+                Some(a)
+                    if a.unwritten_bytes.saturating_mul(100)
+                        >= probe.size.saturating_mul(UNWRITTEN_LIMIT_PERCENT) =>
+                {
                     reasons.push(format!(
-                        "file on {} is fully allocated (fallocated or written)",
+                        "file is fallocated but {} unwritten: every first write there \
+                         converts an extent, which O_DIRECT pays per request",
+                        percent_text(
+                            share_percent(a.unwritten_bytes, probe.size),
+                            a.unwritten_bytes
+                        )
+                    ));
+                    false
+                }
+                Some(a) if a.unwritten_bytes == 0 => {
+                    reasons.push(format!(
+                        "file on {} is fully allocated and written",
                         fs.name
+                    ));
+                    true
+                }
+                Some(a) => {
+                    reasons.push(format!(
+                        "file on {} is fully allocated, {} unwritten (under {UNWRITTEN_LIMIT_PERCENT}%)",
+                        fs.name,
+                        percent_text(share_percent(a.unwritten_bytes, probe.size), a.unwritten_bytes)
                     ));
                     true
                 }
@@ -293,6 +317,23 @@ fn storage_verdict(probe: &ProbeReport, direct_ok: &Result<u32, String>) -> Verd
         (false, _) => false,
     };
     Verdict { native, reasons }
+}
+
+/// Files with at least this share (in percent) of their size in unwritten extents
+/// (fallocated, never written) get the page cache. Writing into an unwritten extent makes the
+/// file system convert it, a journalled metadata update: with O_DIRECT every such write waits
+/// for its own, while writeback converts many at once. Measured on ext4 over 30 s (README):
+/// 4k random writes into a wholly unwritten file ran at 0.51× the page cache's rate at QD1
+/// and 0.77× at QD32. The loss falls with the share of writes that land in unwritten ranges,
+/// so under a tenth of the file it stays within about 5%.
+const UNWRITTEN_LIMIT_PERCENT: u64 = 10;
+
+/// `part` of `whole` in whole percent, rounded down.
+fn share_percent(part: u64, whole: u64) -> u64 {
+    if whole == 0 {
+        return 0;
+    }
+    (u128::from(part) * 100 / u128::from(whole)) as u64
 }
 
 fn percent_text(percent: u64, allocated: u64) -> String {
@@ -378,7 +419,7 @@ mod tests {
             }),
             allocation: Some(Allocation {
                 allocated_bytes: 100 * MIB,
-                unwritten_bytes: 100 * MIB,
+                unwritten_bytes: 0,
                 sparse: false,
                 method: AllocationMethod::Fiemap,
             }),
@@ -405,6 +446,11 @@ mod tests {
             sparse: true,
             method: AllocationMethod::Fiemap,
         });
+        r
+    }
+
+    fn unwritten(mut r: ProbeReport, unwritten: u64) -> ProbeReport {
+        r.allocation.as_mut().unwrap().unwritten_bytes = unwritten;
         r
     }
 
@@ -502,10 +548,7 @@ mod tests {
     fn fully_allocated_file_on_local_or_network_fs_goes_native() {
         let c = pick(&ext4(), &caps(true, true), auto());
         assert_eq!((c.engine, c.direct), (EngineKind::IoUring, true));
-        assert_reason(
-            &c,
-            "file on ext4 is fully allocated (fallocated or written)",
-        );
+        assert_reason(&c, "file on ext4 is fully allocated and written");
         for p in [
             file_on("xfs", 0x5846_5342, FsClass::Local),
             file_on("nfs", 0x6969, FsClass::Network),
@@ -513,6 +556,40 @@ mod tests {
             let c = pick(&p, &caps(false, true), auto());
             assert_eq!((c.engine, c.direct), (EngineKind::LinuxAio, true), "{c}");
         }
+    }
+
+    #[test]
+    fn fallocated_unwritten_file_gets_threads_with_the_page_cache() {
+        let c = pick(&unwritten(ext4(), 100 * MIB), &caps(true, true), auto());
+        assert_eq!((c.engine, c.direct), (EngineKind::Threads, false), "{c}");
+        assert_eq!(
+            c.reasons[0],
+            "file is fallocated but 100% unwritten: every first write there converts an \
+             extent, which O_DIRECT pays per request"
+        );
+        // At the limit the page cache still wins; just below it native AIO does.
+        let c = pick(&unwritten(ext4(), 10 * MIB), &caps(true, true), auto());
+        assert_eq!((c.engine, c.direct), (EngineKind::Threads, false), "{c}");
+        assert_reason(&c, "fallocated but 10% unwritten");
+        let c = pick(
+            &unwritten(ext4(), 10 * MIB - 4096),
+            &caps(true, true),
+            auto(),
+        );
+        assert_eq!((c.engine, c.direct), (EngineKind::IoUring, true), "{c}");
+        assert_reason(
+            &c,
+            "file on ext4 is fully allocated, 9% unwritten (under 10%)",
+        );
+        let c = pick(&unwritten(ext4(), 4096), &caps(true, true), auto());
+        assert_reason(
+            &c,
+            "file on ext4 is fully allocated, <1% unwritten (under 10%)",
+        );
+        // Overrides still work on such a file.
+        let forced = req(EngineRequest::IoUring, DirectRequest::On);
+        let c = pick(&unwritten(ext4(), 100 * MIB), &caps(true, true), forced);
+        assert_eq!((c.engine, c.direct), (EngineKind::IoUring, true), "{c}");
     }
 
     #[test]
@@ -706,6 +783,8 @@ mod tests {
             ext4(),
             aligned(ext4(), 4096),
             sparse(ext4(), 12 * MIB),
+            unwritten(ext4(), 100 * MIB),
+            unwritten(ext4(), MIB),
             cow(file_on("btrfs", 0x9123_683e, FsClass::Local)),
             file_on("nfs", 0x6969, FsClass::Network),
             file_on("overlay", 0x794c_7630, FsClass::Stacked),
@@ -743,7 +822,7 @@ mod tests {
                 }
             }
         }
-        assert_eq!(cases, 11 * 4 * 4 * 3 * 2);
+        assert_eq!(cases, 13 * 4 * 4 * 3 * 2);
     }
 
     fn check_case(p: &ProbeReport, k: &KernelCaps, r: &Request) {
@@ -753,8 +832,10 @@ mod tests {
         let fs_ok = p.file_system.as_ref().is_none_or(|fs| {
             matches!(fs.class, FsClass::Local | FsClass::Network) && !fs.copy_on_write
         });
-        let allocated = p.allocation.is_none_or(|a| !a.sparse);
-        let good_storage = fs_ok && allocated && can_direct;
+        let written = p.allocation.is_none_or(|a| {
+            !a.sparse && a.unwritten_bytes * 100 < p.size * UNWRITTEN_LIMIT_PERCENT
+        });
+        let good_storage = fs_ok && written && can_direct;
         let refused = (r.engine == EngineRequest::LinuxAio
             && (r.direct == DirectRequest::Off || !can_direct || k.linux_aio.is_err()))
             || (r.direct == DirectRequest::On && !can_direct)

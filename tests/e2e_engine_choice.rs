@@ -7,7 +7,7 @@
 //! `losetup` and `chattr`; a missing piece fails the test with a message naming it. Images live
 //! under CARGO_TARGET_TMPDIR, which must be on a disk file system (not tmpfs).
 //!
-//! Where the automatic choice is a native engine (fallocated file, loop device, read-only
+//! Where the automatic choice is a native engine (written file, loop device, read-only
 //! written file), serving needs that engine to be built in.
 
 mod common;
@@ -329,22 +329,48 @@ fn serve_refused(dir: Arc<TempDir>, cfg: Config, message: &str) {
 // One test per kind of storage.
 
 #[test]
-fn fallocated_file_gets_the_native_engine_with_o_direct() {
+fn written_file_gets_the_native_engine_with_o_direct() {
     let dir = disk_dir();
-    let image = dir.path().join("fallocated.img");
-    fallocate(&image, SIZE);
+    let image = dir.path().join("written.img");
+    std::fs::write(&image, pattern(8, SIZE as usize)).unwrap();
+    File::open(&image).unwrap().sync_all().unwrap();
     let p = Probe::ok(&image);
     p.assert_disk_file_system();
     assert_eq!(p.probe()["kind"], "file");
     assert_eq!(p.probe()["allocation"]["sparse"], false, "{}", p.json);
     assert_eq!(p.probe()["allocation"]["allocated_bytes"], SIZE);
+    assert_eq!(p.probe()["allocation"]["unwritten_bytes"], 0, "{}", p.json);
     assert_eq!(p.probe()["direct_io"]["supported"], true, "{}", p.json);
     assert_eq!(p.engine(), p.native_engine(), "{}", p.json);
     assert!(p.direct());
-    p.assert_reason("is fully allocated (fallocated or written)");
+    p.assert_reason("is fully allocated and written");
 
     let d = serve(dir, &image, false, p.native_engine(), true);
     write_read_verify(&d, &image, 1);
+}
+
+/// fallocate without writing leaves unwritten extents (on ext4, xfs): not sparse, but every
+/// first write converts an extent, so the page cache serves it (see policy.rs).
+#[test]
+fn fallocated_unwritten_file_gets_threads_with_the_page_cache() {
+    let dir = disk_dir();
+    let image = dir.path().join("fallocated.img");
+    fallocate(&image, SIZE);
+    let p = Probe::ok(&image);
+    p.assert_disk_file_system();
+    let alloc = &p.probe()["allocation"];
+    assert_eq!(alloc["sparse"], false, "{}", p.json);
+    assert_eq!(alloc["allocated_bytes"], SIZE);
+    assert_eq!(
+        alloc["unwritten_bytes"], SIZE,
+        "the test directory's file system must keep fallocated extents unwritten (ext4, xfs): {}",
+        p.json
+    );
+    assert_eq!((p.engine(), p.direct()), ("threads", false), "{}", p.json);
+    p.assert_reason("file is fallocated but 100% unwritten");
+
+    let d = serve(dir, &image, false, "threads", false);
+    write_read_verify(&d, &image, 9);
 }
 
 #[test]

@@ -65,6 +65,23 @@ setup_cache_cgroup() {
     log "backends run in memory cgroup ${BK_CGROUP#/sys/fs/cgroup/} limited to ${CACHE_LIMIT_MB} MiB (page cache included)"
 }
 
+# reserve_hugepages N: makes sure at least N free 2 MiB huge pages exist (for `vublk bench
+# --hugepages`), raising vm.nr_hugepages if needed; restore_hugepages puts it back.
+HUGEPAGES_BEFORE=""
+reserve_hugepages() {
+    local want=$1 sysctl=/proc/sys/vm/nr_hugepages free
+    free=$(awk '/^HugePages_Free:/ {print $2}' /proc/meminfo)
+    ((free >= want)) && return 0
+    HUGEPAGES_BEFORE=${HUGEPAGES_BEFORE:-$(cat "$sysctl")}
+    echo $(($(cat "$sysctl") + want - free)) >"$sysctl"
+    free=$(awk '/^HugePages_Free:/ {print $2}' /proc/meminfo)
+    ((free >= want)) || die "could not reserve $want huge pages of 2 MiB (HugePages_Free is $free)"
+}
+restore_hugepages() {
+    [[ -z $HUGEPAGES_BEFORE ]] || echo "$HUGEPAGES_BEFORE" >/proc/sys/vm/nr_hugepages
+    HUGEPAGES_BEFORE=""
+}
+
 # start_backend LOG CMD...: starts CMD in the cache cgroup; waits until its socket ($SOCK) accepts.
 start_backend() {
     BK_LOG=$1
@@ -120,7 +137,7 @@ measure() {
     local tags=$1
     shift
     local out
-    if ! out=$("$VUBLK_BIN" bench --socket "$SOCK" --json --runtime "$RUNTIME" --ramp "$RAMP" \
+    if ! out=$("$VUBLK_BIN" bench --socket "$SOCK" --json --runtime "${MEASURE_RUNTIME:-$RUNTIME}" --ramp "$RAMP" \
         --backend-pid "$BK_PID" "$@" 2>>"$BK_LOG.bench"); then
         tail -n 5 "$BK_LOG.bench" >&2
         die "vublk bench $* failed against ${tags} (see $BK_LOG.bench)"

@@ -73,6 +73,7 @@ def vs_qsd(rows):
     row("randwrite-4k-qd32", "IOPS", "iops", 0, 1.3, True)
     row("randwrite-4k-qd32", "backend CPU µs/IO", "backend_cpu_us_per_io", 2)
     row("read-128k-qd8", "MiB/s", "mib_s", 0, 1.0, True)
+    row("read-128k-qd8-hugepages", "MiB/s", "mib_s", 0)
     row("null-randread-4k-qd32-q1", "IOPS (vs null-co)", "iops", 0, 1.5, True)
     row("null-randread-4k-qd32-q1", "backend CPU µs/IO", "backend_cpu_us_per_io", 2)
     row("null-randread-4k-qd32-q2", "IOPS (vs null-co)", "iops", 0)

@@ -117,6 +117,8 @@ pub struct Options {
     pub verify: Option<VerifyPhase>,
     /// Seed of offsets and payloads; the verify generation.
     pub seed: Option<u64>,
+    /// Buffers in 2 MiB huge pages instead of 4 KiB pages.
+    pub huge_pages: bool,
 }
 
 impl Default for Options {
@@ -137,6 +139,7 @@ impl Default for Options {
             progress: false,
             verify: None,
             seed: None,
+            huge_pages: false,
         }
     }
 }
@@ -292,6 +295,8 @@ pub struct LoadReport {
     pub iodepth: usize,
     pub queues: usize,
     pub queue_size: u16,
+    /// Whether the buffers were in 2 MiB huge pages.
+    pub huge_pages: bool,
     pub offset: u64,
     pub size: u64,
     pub capacity: u64,
@@ -329,12 +334,13 @@ impl LoadReport {
             None => String::new(),
         };
         let mut s = format!(
-            "{}{mix} bs={} iodepth={} queues={} runtime={:.1}s: {:.0} IOPS, {:.2} MiB/s, \
+            "{}{mix} bs={} iodepth={} queues={}{} runtime={:.1}s: {:.0} IOPS, {:.2} MiB/s, \
              lat µs mean {:.1} p50 {:.1} p99 {:.1} p99.9 {:.1} max {:.1}, errors {}",
             self.rw.name(),
             self.bs,
             self.iodepth,
             self.queues,
+            if self.huge_pages { " hugepages" } else { "" },
             self.runtime_s,
             self.iops,
             self.mib_s,
@@ -563,7 +569,7 @@ pub fn run(o: &Options) -> Result<Report> {
     let region_len = per_queue
         .checked_mul(o.queues)
         .context("--iodepth × --queues too large")?;
-    let mut dev = conn.start(o.queues, o.queue_size, region_len)?;
+    let mut dev = conn.start(o.queues, o.queue_size, region_len, o.huge_pages)?;
     let base = dev.region.addr;
     let ctx = Ctx {
         o,
@@ -739,6 +745,7 @@ fn run_load(
         iodepth: o.iodepth,
         queues: n,
         queue_size: o.queue_size,
+        huge_pages: o.huge_pages,
         offset: c.offset,
         size: c.size,
         capacity: c.info.capacity,
