@@ -151,7 +151,8 @@ pub struct ServeArgs {
     /// Raw image file or block device to serve [default: DATA_DIR/disk.img, 1 GiB].
     #[arg(long, visible_alias = "blk-file", value_name = "IMG")]
     pub file: Option<PathBuf>,
-    /// Create the image with this size (preallocated) if it does not exist, e.g. 10G, 512M.
+    /// Create the image with this size (space reserved by fallocate) if it does not exist,
+    /// e.g. 10G, 512M.
     /// An existing image is never resized: a different size is an error.
     #[arg(long, value_parser = parse_size)]
     pub size: Option<u64>,
@@ -269,6 +270,10 @@ pub struct BenchArgs {
     /// pages (needs free pages in /proc/sys/vm/nr_hugepages).
     #[arg(long)]
     pub hugepages: bool,
+    /// Send a flush after every N writes per queue (like fio's fsync=N), as a guest that
+    /// wants its writes durable does. Flushes are not I/Os: not in IOPS or latency.
+    #[arg(long, value_name = "N", default_value_t = 0)]
+    pub flush_every: u64,
 }
 
 fn parse_seed(s: &str) -> Result<u64, String> {
@@ -304,6 +309,7 @@ impl BenchArgs {
             verify,
             seed: self.seed,
             huge_pages: self.hugepages,
+            flush_every: self.flush_every,
         }
     }
 }

@@ -197,6 +197,13 @@ fn install_signals(stop: Arc<StopState>) -> io::Result<()> {
                     std::process::exit(1);
                 }
                 log::info!("signal {sig}: shutting down");
+                // Tell systemd (Type=notify) the stop has begun, so it waits for it instead of
+                // taking the exit for a crash; as on start-up, a failure only costs a warning.
+                if let Err(e) = crate::readiness::notify_service_manager(
+                    "STOPPING=1\nSTATUS=stopping: finishing in-flight requests",
+                ) {
+                    log::warn!("{e}");
+                }
                 stop.request();
             }
         })?;

@@ -87,8 +87,9 @@ struct QueueWorker {
     broken: bool,
     /// Current poll window (see [`QueueWorker::adapt_poll_window`]).
     poll_window: Duration,
-    /// When this thread last went back to waiting for events, while polling is on.
-    sleep_since: Option<Instant>,
+    /// When this thread last found work, while polling is on: the wait for the next event
+    /// (polling, then sleeping) began then.
+    idle_since: Option<Instant>,
 }
 
 /// The longest a queue thread polls in one go (see [`QueueWorker::poll_for_more`]).
@@ -135,20 +136,21 @@ impl QueueWorker {
         self.signal(vring);
     }
 
-    /// Adapts the poll window (`--poll-us`, at most `max`) to how long this thread slept
-    /// before the event now being handled: a sleep the window would have covered grows it,
-    /// one longer than `max` shrinks it (to nothing, where work never comes that fast).
+    /// Adapts the poll window (`--poll-us`, at most `max`) to how long this thread waited for
+    /// the event now being handled, counted from the last work it found (polling included):
+    /// a wait the largest window would have covered grows it, a longer one shrinks it (to
+    /// nothing, where work never comes that fast, so a slow disk at QD1 costs no spinning).
     fn adapt_poll_window(&mut self, max: Duration) {
-        let Some(since) = self.sleep_since.take() else {
+        let Some(since) = self.idle_since.take() else {
             return;
         };
-        let slept = since.elapsed();
-        if slept > max {
+        let waited = since.elapsed();
+        if waited > max {
             self.poll_window /= 2;
             if self.poll_window < max / 16 {
                 self.poll_window = Duration::ZERO;
             }
-        } else if slept > self.poll_window {
+        } else if waited > self.poll_window {
             self.poll_window = (self.poll_window * 2).clamp(max / 16, max);
         }
     }
@@ -156,16 +158,18 @@ impl QueueWorker {
     /// Busy-polls the ring and the engine for the current window after the last work found,
     /// so that a queue that stays busy is served without a wake-up per kick. A session never
     /// lasts longer than [`POLL_SESSION_LIMIT`]: a guest that keeps the queue busy must not
-    /// keep this worker's lock from a stop (quiesce, drain) that waits for it.
-    fn poll_for_more(&mut self, dev: &DeviceState, vring: &VringRwLock) {
+    /// keep this worker's lock from a stop (quiesce, drain) that waits for it. Returns when
+    /// the last work was found.
+    fn poll_for_more(&mut self, dev: &DeviceState, vring: &VringRwLock) -> Instant {
         let window = self.poll_window;
         let start = Instant::now();
+        let mut last_work = start;
         let mut deadline = start + window;
         let session_end = start + POLL_SESSION_LIMIT;
         loop {
             let now = Instant::now();
             if self.stopping || self.broken || now >= deadline || now >= session_end {
-                return;
+                return last_work;
             }
             let mut found =
                 self.engine.in_flight() > 0 && self.process_completions(dev, vring, true) > 0;
@@ -174,7 +178,8 @@ impl QueueWorker {
                 found = true;
             }
             if found {
-                deadline = Instant::now() + window;
+                last_work = Instant::now();
+                deadline = last_work + window;
             } else {
                 std::hint::spin_loop();
             }
@@ -461,7 +466,7 @@ impl BlkBackend {
                 stopping: false,
                 broken: false,
                 poll_window: export.poll,
-                sleep_since: None,
+                idle_since: None,
             }));
         }
         Ok(BlkBackend {
@@ -612,8 +617,8 @@ impl VhostUserBackend for BlkBackend {
         let poll = self.dev.export.poll;
         if !poll.is_zero() {
             w.adapt_poll_window(poll);
-            w.poll_for_more(&self.dev, vring);
-            w.sleep_since = Some(Instant::now());
+            let last_work = w.poll_for_more(&self.dev, vring);
+            w.idle_since = Some(last_work);
         }
         Ok(())
     }

@@ -204,6 +204,57 @@ fn sequential_mixed_and_human_output() {
     assert!(line.contains("errors 0"), "{line}");
 }
 
+/// --flush-every N: one flush per N writes on each queue, reported, not counted as I/O.
+#[test]
+fn flush_every_sends_flushes_between_writes() {
+    let d = daemon(Config::default().queues(2));
+    let r = bench(
+        &d.socket,
+        &[
+            "--json",
+            "--rw",
+            "randwrite",
+            "--queues",
+            "2",
+            "--iodepth",
+            "8",
+            "--runtime",
+            "0.5",
+            "--flush-every",
+            "4",
+        ],
+    );
+    let v = assert_sane_load(&r, "randwrite");
+    let (writes, flushes) = (u(&v, "write_ios"), u(&v, "flushes"));
+    assert_eq!(u(&v, "flush_every"), 4);
+    // The window cuts a few flushes or writes off at either end.
+    assert!(
+        flushes * 4 >= writes * 9 / 10 && flushes * 4 <= writes * 11 / 10 + 64,
+        "{flushes} flushes for {writes} writes: {v}"
+    );
+    let plain = bench(
+        &d.socket,
+        &[
+            "--json",
+            "--rw",
+            "randwrite",
+            "--queues",
+            "2",
+            "--runtime",
+            "0.2",
+        ],
+    );
+    assert_eq!(u(&assert_sane_load(&plain, "randwrite"), "flushes"), 0);
+    let r = bench(&d.socket, &["--rw", "randread", "--flush-every", "4"]);
+    assert!(
+        !r.ok
+            && r.stderr
+                .contains("--flush-every needs a timed load that writes"),
+        "{}",
+        r.stderr
+    );
+}
+
 #[test]
 fn verify_passes_on_a_healthy_daemon() {
     let d = daemon(Config::default().queues(2));
@@ -400,4 +451,119 @@ fn setup_errors_are_clear() {
     // The daemon is still fine after all that.
     let r = bench(&d.socket, &["--json", "--runtime", "0.2", "--iodepth", "2"]);
     assert!(r.ok, "{}", r.stderr);
+}
+
+/// vm.nr_hugepages, set for one test and put back afterwards.
+struct HugePagePool {
+    before: u64,
+}
+
+const NR_HUGEPAGES: &str = "/proc/sys/vm/nr_hugepages";
+
+fn meminfo(key: &str) -> u64 {
+    let text = std::fs::read_to_string("/proc/meminfo").unwrap();
+    text.lines()
+        .find_map(|l| l.strip_prefix(key)?.trim().split(' ').next()?.parse().ok())
+        .unwrap_or_else(|| panic!("no {key} in /proc/meminfo"))
+}
+
+impl HugePagePool {
+    fn take() -> Self {
+        let before = std::fs::read_to_string(NR_HUGEPAGES)
+            .unwrap()
+            .trim()
+            .parse()
+            .unwrap();
+        HugePagePool { before }
+    }
+
+    /// Makes exactly `free` huge pages free (pages others use stay theirs).
+    fn set_free(&self, free: u64) {
+        let used = meminfo("HugePages_Total:") - meminfo("HugePages_Free:");
+        std::fs::write(NR_HUGEPAGES, (used + free).to_string())
+            .unwrap_or_else(|e| panic!("this test sets {NR_HUGEPAGES} and needs root for it: {e}"));
+        assert_eq!(
+            meminfo("HugePages_Free:"),
+            free,
+            "the kernel could not provide {free} free huge pages of 2 MiB"
+        );
+    }
+}
+
+impl Drop for HugePagePool {
+    fn drop(&mut self) {
+        let _ = std::fs::write(NR_HUGEPAGES, self.before.to_string());
+    }
+}
+
+/// --hugepages: buffers in 2 MiB pages carry real I/O (load and verify), and without free
+/// huge pages the run fails up front, saying how many it needs and how to get them.
+#[test]
+fn hugepage_buffers_carry_io_and_a_short_pool_is_a_clear_error() {
+    let d = daemon(Config::default().queues(2));
+    let pool = HugePagePool::take();
+    pool.set_free(0);
+    let r = bench(
+        &d.socket,
+        &[
+            "--hugepages",
+            "--rw",
+            "read",
+            "--bs",
+            "128k",
+            "--iodepth",
+            "4",
+            "--runtime",
+            "0.2",
+        ],
+    );
+    assert!(!r.ok, "ran without huge pages: {}", r.stdout);
+    assert!(
+        r.stderr
+            .contains("--hugepages needs 1 free huge page(s) of 2 MiB")
+            && r.stderr.contains("/proc/sys/vm/nr_hugepages"),
+        "{}",
+        r.stderr
+    );
+
+    pool.set_free(16);
+    let r = bench(
+        &d.socket,
+        &[
+            "--json",
+            "--hugepages",
+            "--queues",
+            "2",
+            "--rw",
+            "randrw",
+            "--iodepth",
+            "8",
+            "--runtime",
+            "0.5",
+        ],
+    );
+    let v = assert_sane_load(&r, "randrw");
+    assert_eq!(v["huge_pages"], true, "{v}");
+    let r = bench(
+        &d.socket,
+        &[
+            "--verify",
+            "--json",
+            "--hugepages",
+            "--queues",
+            "2",
+            "--iodepth",
+            "16",
+        ],
+    );
+    assert!(
+        r.ok,
+        "verify failed\nstdout: {}\nstderr: {}",
+        r.stdout, r.stderr
+    );
+    let v = r.json();
+    assert_eq!(v["ok"], true, "{v}");
+    assert_eq!(u(&v, "bytes_read"), IMG);
+    // Nothing of the bench's is left in the pool.
+    assert_eq!(meminfo("HugePages_Free:"), 16);
 }

@@ -287,7 +287,7 @@ fn spawn_notifying(
 }
 
 #[test]
-fn ready_arrives_once_the_socket_accepts_and_the_pidfile_exists() {
+fn ready_arrives_once_the_socket_accepts_and_the_pidfile_exists_and_stopping_on_sigterm() {
     for abstract_socket in [false, true] {
         let dir = test_dir();
         let notify = if abstract_socket {
@@ -330,6 +330,12 @@ fn ready_arrives_once_the_socket_accepts_and_the_pidfile_exists() {
         assert!(st.success(), "{}", describe(&st));
         assert!(!pidfile.exists(), "pid file left after SIGTERM");
         assert!(std::fs::symlink_metadata(&d.socket).is_err(), "socket left");
+        // SIGTERM announced the stop to the service manager.
+        let msg = notify.recv(Duration::from_secs(1)).unwrap_or_default();
+        assert!(
+            msg.lines().any(|l| l == "STOPPING=1") && msg.contains("STATUS=stopping"),
+            "abstract={abstract_socket}: no STOPPING=1 on SIGTERM: {msg:?}"
+        );
     }
 }
 

@@ -38,6 +38,9 @@ pub(crate) struct LoadPlan {
     pub ramp_ns: u64,
     pub end_ns: u64,
     pub seed: u64,
+    /// A flush after every this many writes submitted on this queue (0: never), like fio's
+    /// `fsync=N`: what a guest that wants its writes durable sends.
+    pub flush_every: u64,
 }
 
 /// What one load worker measured.
@@ -46,14 +49,23 @@ pub(crate) struct LoadResult {
     pub hist: Histogram,
     pub read_ios: u64,
     pub write_ios: u64,
+    /// Flushes completed in the measured window (not I/Os: neither counted nor timed there).
+    pub flushes: u64,
     pub errors: u64,
     pub first_error: Option<String>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum SlotOp {
+    Read,
+    Write,
+    Flush,
 }
 
 struct Slot {
     off: u64,
     start_ns: u64,
-    write: bool,
+    op: SlotOp,
     iov: Vec<iovec>,
 }
 
@@ -86,7 +98,7 @@ pub(crate) fn run(q: &mut Blkioq, plan: &LoadPlan, shared: &Shared) -> Result<Lo
             Slot {
                 off: 0,
                 start_ns: 0,
-                write: false,
+                op: SlotOp::Read,
                 iov,
             }
         })
@@ -94,7 +106,12 @@ pub(crate) fn run(q: &mut Blkioq, plan: &LoadPlan, shared: &Shared) -> Result<Lo
     let mut comps: Vec<MaybeUninit<Completion>> =
         (0..depth).map(|_| MaybeUninit::uninit()).collect();
     let mut cursor = plan.seq_start;
-    let mut next = |rng: &mut Rng| -> (u64, bool) {
+    let mut writes_since_flush = 0u64;
+    let mut next = |rng: &mut Rng| -> (u64, SlotOp) {
+        if plan.flush_every > 0 && writes_since_flush >= plan.flush_every {
+            writes_since_flush = 0;
+            return (0, SlotOp::Flush);
+        }
         let write = match plan.rw {
             RwMode::Randread | RwMode::Read => false,
             RwMode::Randwrite | RwMode::Write => true,
@@ -110,17 +127,22 @@ pub(crate) fn run(q: &mut Blkioq, plan: &LoadPlan, shared: &Shared) -> Result<Lo
         } else {
             plan.start + rng.below(plan.blocks) * plan.bs
         };
-        (off, write)
+        if write {
+            writes_since_flush += 1;
+            (off, SlotOp::Write)
+        } else {
+            (off, SlotOp::Read)
+        }
     };
-    let submit = |q: &mut Blkioq, slot: &mut Slot, idx: usize, off: u64, write: bool, now: u64| {
+    let submit = |q: &mut Blkioq, slot: &mut Slot, idx: usize, off: u64, op: SlotOp, now: u64| {
         slot.off = off;
-        slot.write = write;
+        slot.op = op;
         slot.start_ns = now;
         let (p, n) = (slot.iov.as_ptr(), slot.iov.len() as u32);
-        if write {
-            q.writev(off, p, n, idx, ReqFlags::empty());
-        } else {
-            q.readv(off, p, n, idx, ReqFlags::empty());
+        match op {
+            SlotOp::Write => q.writev(off, p, n, idx, ReqFlags::empty()),
+            SlotOp::Read => q.readv(off, p, n, idx, ReqFlags::empty()),
+            SlotOp::Flush => q.flush(idx, ReqFlags::empty()),
         }
     };
 
@@ -129,12 +151,13 @@ pub(crate) fn run(q: &mut Blkioq, plan: &LoadPlan, shared: &Shared) -> Result<Lo
         hist: Histogram::new(),
         read_ios: 0,
         write_ios: 0,
+        flushes: 0,
         errors: 0,
         first_error: None,
     };
     for (idx, slot) in slots.iter_mut().enumerate() {
-        let (off, write) = next(&mut rng);
-        submit(q, slot, idx, off, write, 0);
+        let (off, op) = next(&mut rng);
+        submit(q, slot, idx, off, op, 0);
     }
     let mut inflight = depth;
     let mut completed = 0u64;
@@ -162,16 +185,21 @@ pub(crate) fn run(q: &mut Blkioq, plan: &LoadPlan, shared: &Shared) -> Result<Lo
                     result.first_error = Some(describe_error(plan.queue, slot, plan.bs, c.ret));
                 }
             } else if counting {
-                result.hist.record(now - slot.start_ns);
-                if slot.write {
-                    result.write_ios += 1;
-                } else {
-                    result.read_ios += 1;
+                match slot.op {
+                    SlotOp::Flush => result.flushes += 1,
+                    SlotOp::Write => {
+                        result.hist.record(now - slot.start_ns);
+                        result.write_ios += 1;
+                    }
+                    SlotOp::Read => {
+                        result.hist.record(now - slot.start_ns);
+                        result.read_ios += 1;
+                    }
                 }
             }
             if !stop {
-                let (off, write) = next(&mut rng);
-                submit(q, slot, idx, off, write, now);
+                let (off, op) = next(&mut rng);
+                submit(q, slot, idx, off, op, now);
                 inflight += 1;
             }
         }
@@ -183,8 +211,12 @@ pub(crate) fn run(q: &mut Blkioq, plan: &LoadPlan, shared: &Shared) -> Result<Lo
 }
 
 fn describe_error(queue: usize, slot: &Slot, bs: u64, ret: i32) -> String {
-    let what = if slot.write { "write" } else { "read" };
     let err = std::io::Error::from_raw_os_error(-ret);
+    let what = match slot.op {
+        SlotOp::Flush => return format!("queue {queue}: flush failed: {err}"),
+        SlotOp::Write => "write",
+        SlotOp::Read => "read",
+    };
     format!(
         "queue {queue}: {what} of {bs} bytes at offset {} failed: {err}",
         slot.off

@@ -119,6 +119,8 @@ pub struct Options {
     pub seed: Option<u64>,
     /// Buffers in 2 MiB huge pages instead of 4 KiB pages.
     pub huge_pages: bool,
+    /// A flush after every this many writes per queue (0: never).
+    pub flush_every: u64,
 }
 
 impl Default for Options {
@@ -140,6 +142,7 @@ impl Default for Options {
             verify: None,
             seed: None,
             huge_pages: false,
+            flush_every: 0,
         }
     }
 }
@@ -297,6 +300,8 @@ pub struct LoadReport {
     pub queue_size: u16,
     /// Whether the buffers were in 2 MiB huge pages.
     pub huge_pages: bool,
+    /// A flush after every this many writes per queue (0: never).
+    pub flush_every: u64,
     pub offset: u64,
     pub size: u64,
     pub capacity: u64,
@@ -308,6 +313,8 @@ pub struct LoadReport {
     pub ios: u64,
     pub read_ios: u64,
     pub write_ios: u64,
+    /// Flushes completed in the measured window (`flush_every`); not counted as I/Os.
+    pub flushes: u64,
     pub bytes: u64,
     pub iops: f64,
     pub mib_s: f64,
@@ -355,6 +362,12 @@ impl LoadReport {
             s.push_str(&format!(
                 ", backend CPU {per_io:.2} µs/IO ({:.2} CPUs)",
                 cpu / self.runtime_s
+            ));
+        }
+        if self.flush_every > 0 {
+            s.push_str(&format!(
+                ", {} flushes (one per {} writes)",
+                self.flushes, self.flush_every
             ));
         }
         if let Some(e) = &self.first_error {
@@ -549,6 +562,9 @@ pub fn run(o: &Options) -> Result<Report> {
     if o.verify == Some(VerifyPhase::Read) && o.seed.is_none() {
         bail!("--verify-phase read needs --seed: the seed the write phase printed");
     }
+    if o.flush_every > 0 && (o.verify.is_some() || !o.rw.writes()) {
+        bail!("--flush-every needs a timed load that writes (--rw randwrite, write or randrw)");
+    }
     let probe = o.backend_pid.map(CpuProbe::new).transpose()?;
     let writes = match o.verify {
         Some(VerifyPhase::Read) => false,
@@ -648,6 +664,7 @@ fn run_load(
                 ramp_ns,
                 end_ns,
                 seed: c.seed,
+                flush_every: o.flush_every,
             }
         })
         .collect();
@@ -718,12 +735,13 @@ fn run_load(
         (results, (cpu_start, cpu_end))
     });
     let mut hist = Histogram::new();
-    let (mut reads, mut writes, mut errors, mut first_error) = (0, 0, 0, None);
+    let (mut reads, mut writes, mut flushes, mut errors, mut first_error) = (0, 0, 0, 0, None);
     for r in results {
         let r = r?;
         hist.merge(&r.hist);
         reads += r.read_ios;
         writes += r.write_ios;
+        flushes += r.flushes;
         errors += r.errors;
         if first_error.is_none() {
             first_error = r.first_error;
@@ -746,6 +764,7 @@ fn run_load(
         queues: n,
         queue_size: o.queue_size,
         huge_pages: o.huge_pages,
+        flush_every: o.flush_every,
         offset: c.offset,
         size: c.size,
         capacity: c.info.capacity,
@@ -756,6 +775,7 @@ fn run_load(
         ios,
         read_ios: reads,
         write_ios: writes,
+        flushes,
         bytes: ios * o.bs,
         iops: ios as f64 / secs,
         mib_s: (ios * o.bs) as f64 / secs / (1 << 20) as f64,

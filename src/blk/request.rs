@@ -7,6 +7,7 @@
 
 use std::sync::Arc;
 
+use smallvec::SmallVec;
 use virtio_bindings::virtio_blk::*;
 use virtio_queue::desc::split::Descriptor;
 use vm_memory::{Address, Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestUsize};
@@ -158,6 +159,13 @@ pub struct Request {
     pub mem: Arc<GuestMemory>,
 }
 
+/// Descriptors and ranges of a chain up to this long are parsed without touching the heap
+/// (the header, a few data segments and the status: what Linux guests send for 4k–64k I/O).
+const INLINE_SEGMENTS: usize = 8;
+
+/// Guest ranges of one request, on the stack for short chains.
+type Ranges = SmallVec<[Range; INLINE_SEGMENTS]>;
+
 /// A contiguous guest range from one descriptor (or part of one).
 #[derive(Debug, Clone, Copy)]
 struct Range {
@@ -174,7 +182,7 @@ pub fn parse(
     mem: &Arc<GuestMemory>,
     disk: &DiskGeometry,
 ) -> Result<Request, ParseError> {
-    let descs: Vec<Descriptor> = descs.into_iter().collect();
+    let descs: SmallVec<[Descriptor; INLINE_SEGMENTS]> = descs.into_iter().collect();
     let last = descs
         .last()
         .ok_or(ParseError::Unanswerable("empty chain"))?;
@@ -200,14 +208,14 @@ pub fn parse(
     if descs[split..].iter().any(|d| !d.is_write_only()) {
         return Err(reject(RequestError::ReadableAfterWritable));
     }
-    let readable: Vec<Range> = descs[..split].iter().map(range_of).collect();
+    let readable: Ranges = descs[..split].iter().map(range_of).collect();
     // The used length is a u32 counting the writable bytes plus the status byte; the data of
     // a request (descriptors may repeat one buffer) must fit it.
     let writable_len: u64 = descs[split..].iter().map(|d| u64::from(d.len())).sum();
     if writable_len > u64::from(u32::MAX) {
         return Err(reject(RequestError::DataTooLarge(writable_len)));
     }
-    let mut writable: Vec<Range> = descs[split..].iter().map(range_of).collect();
+    let mut writable: Ranges = descs[split..].iter().map(range_of).collect();
     // The status byte is not data.
     if let Some(w) = writable.last_mut() {
         w.len -= 1;
@@ -351,9 +359,9 @@ fn total_len(ranges: &[Range]) -> u64 {
 }
 
 /// Splits `ranges` after `n` bytes; `None` if they hold fewer, or the split point wraps.
-fn split_at(ranges: &[Range], mut n: usize) -> Option<(Vec<Range>, Vec<Range>)> {
-    let mut head = Vec::new();
-    let mut tail = Vec::new();
+fn split_at(ranges: &[Range], mut n: usize) -> Option<(Ranges, Ranges)> {
+    let mut head = Ranges::new();
+    let mut tail = Ranges::new();
     for r in ranges {
         if n == 0 {
             tail.push(*r);
