@@ -10,14 +10,15 @@
 # the frontend's buffers in 4 KiB pages and in 2 MiB huge pages (guests of vhost-user
 # backends often have huge-page RAM; it decides how many segments an O_DIRECT request has).
 # Writes run longer (VUBLK_BENCH_WRITE_RUNTIME, default 20 s): a short run flatters the page
-# cache, which absorbs writes until writeback catches up.
+# cache, which absorbs writes until writeback catches up. The last workload flushes after
+# every 32 writes, as a guest that wants its data durable does.
 # Files whose allocation a write would change are made again before every workload, so each
 # one measures the backing as named. The backend's page cache is capped (VUBLK_BENCH_CACHE_MB)
 # so that buffered engines cannot serve the image from RAM.
 #
 # Usage: integration/bench-engines.sh [--rounds N] [--size MB] [--out DIR] [--storage A,B]
 # Environment: as bench-vs-qsd.sh; VUBLK_BENCH_RUNTIME defaults to 5 here.
-# Needs root (losetup, mount, memory cgroup, huge pages). Takes about 40 minutes per round
+# Needs root (losetup, mount, memory cgroup, huge pages). Takes about 45 minutes per round
 # with the defaults.
 set -euo pipefail
 export VUBLK_LOG_TAG=bench-engines
@@ -127,6 +128,7 @@ WORKLOADS=(
     "read-128k-qd8-hugepages|--rw read --bs 128k --iodepth 8 --hugepages|$RUNTIME"
     "randwrite-4k-qd1|--rw randwrite --bs 4k --iodepth 1|$WRITE_RUNTIME"
     "randwrite-4k-qd32|--rw randwrite --bs 4k --iodepth 32|$WRITE_RUNTIME"
+    "randwrite-4k-qd32-flush32|--rw randwrite --bs 4k --iodepth 32 --flush-every 32|$WRITE_RUNTIME"
 )
 reserve_hugepages 2
 

@@ -187,9 +187,11 @@ pub struct ServeArgs {
     /// Most I/O threads per queue (thread-pool engine).
     #[arg(long, default_value_t = 16, value_parser = clap::value_parser!(u16).range(1..=256))]
     pub io_threads: u16,
-    /// After a batch, keep polling the virtqueue and the engine this long (µs) before
-    /// sleeping: fewer wake-ups for busy queues, at the cost of a spinning thread (0: off).
-    #[arg(long, default_value_t = 0, value_parser = clap::value_parser!(u32).range(0..=1000))]
+    /// After a batch, keep polling the virtqueue and the engine for up to this long (µs)
+    /// before sleeping: fewer wake-ups for busy queues, at the cost of a spinning thread (0:
+    /// off). The window adapts; where work comes slower than this, nothing spins. The default
+    /// is QEMU's for its event loops.
+    #[arg(long, default_value_t = 32, value_parser = clap::value_parser!(u32).range(0..=1000))]
     pub poll_us: u32,
     #[command(flatten)]
     pub choice: EngineArgs,

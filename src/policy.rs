@@ -9,7 +9,7 @@
 //! * Everything else gets the thread pool with the page cache: sparse files (a write into a
 //!   hole makes the file system allocate, and a native submission would stall the queue
 //!   thread meanwhile), files that are mostly fallocated but unwritten (every first write
-//!   converts an extent; see [`UNWRITTEN_LIMIT_PERCENT`]), copy-on-write files (every write
+//!   converts an extent; see `UNWRITTEN_LIMIT_PERCENT`), copy-on-write files (every write
 //!   allocates), tmpfs (no O_DIRECT, the page cache is the storage), stacked and unknown file
 //!   systems.
 //! * "Native" is io_uring where the kernel allows it, else Linux AIO, else the thread pool.
