@@ -264,34 +264,25 @@ fn storage_verdict(probe: &ProbeReport, direct_ok: &Result<u32, String>) -> Verd
                     ));
                     false
                 }
-                Some(a)
-                    if a.unwritten_bytes.saturating_mul(100)
-                        >= probe.size.saturating_mul(UNWRITTEN_LIMIT_PERCENT) =>
-                {
-                    reasons.push(format!(
-                        "file is fallocated but {} unwritten: every first write there \
-                         converts an extent, which O_DIRECT pays per request",
-                        percent_text(
-                            share_percent(a.unwritten_bytes, probe.size),
-                            a.unwritten_bytes
-                        )
-                    ));
-                    false
-                }
-                Some(a) if a.unwritten_bytes == 0 => {
-                    reasons.push(format!(
-                        "file on {} is fully allocated and written",
-                        fs.name
-                    ));
-                    true
-                }
                 Some(a) => {
-                    reasons.push(format!(
-                        "file on {} is fully allocated, {} unwritten (under {UNWRITTEN_LIMIT_PERCENT}%)",
-                        fs.name,
-                        percent_text(share_percent(a.unwritten_bytes, probe.size), a.unwritten_bytes)
-                    ));
-                    true
+                    let unwritten = a.unwritten_percent(probe.size);
+                    let shown = percent_text(unwritten, a.unwritten_bytes);
+                    let native = unwritten < UNWRITTEN_LIMIT_PERCENT;
+                    reasons.push(if !native {
+                        format!(
+                            "file is fallocated but {shown} unwritten: every first write there \
+                             converts an extent, which O_DIRECT pays per request"
+                        )
+                    } else if a.unwritten_bytes == 0 {
+                        format!("file on {} is fully allocated and written", fs.name)
+                    } else {
+                        format!(
+                            "file on {} is fully allocated, {shown} unwritten (under \
+                             {UNWRITTEN_LIMIT_PERCENT}%)",
+                            fs.name
+                        )
+                    });
+                    native
                 }
                 None => {
                     reasons.push("file of unknown allocation".into());
@@ -328,16 +319,8 @@ fn storage_verdict(probe: &ProbeReport, direct_ok: &Result<u32, String>) -> Verd
 /// so under a tenth of the file it stays within about 5%.
 const UNWRITTEN_LIMIT_PERCENT: u64 = 10;
 
-/// `part` of `whole` in whole percent, rounded down.
-fn share_percent(part: u64, whole: u64) -> u64 {
-    if whole == 0 {
-        return 0;
-    }
-    (u128::from(part) * 100 / u128::from(whole)) as u64
-}
-
-fn percent_text(percent: u64, allocated: u64) -> String {
-    if percent == 0 && allocated > 0 {
+fn percent_text(percent: u64, bytes: u64) -> String {
+    if percent == 0 && bytes > 0 {
         "<1%".into()
     } else {
         format!("{percent}%")

@@ -160,8 +160,21 @@ impl Allocation {
         if size == 0 {
             return 100;
         }
-        (u128::from(self.allocated_bytes) * 100 / u128::from(size)) as u64
+        share_percent(self.allocated_bytes, size)
     }
+
+    /// Share of `size` in unwritten extents, in whole percent, rounded down.
+    pub fn unwritten_percent(&self, size: u64) -> u64 {
+        if size == 0 {
+            return 0;
+        }
+        share_percent(self.unwritten_bytes, size)
+    }
+}
+
+/// `part` of `whole` (not zero) in whole percent, rounded down.
+fn share_percent(part: u64, whole: u64) -> u64 {
+    (u128::from(part) * 100 / u128::from(whole)) as u64
 }
 
 /// How the allocation of a file was measured.

@@ -255,13 +255,8 @@ fn flush_every_sends_flushes_between_writes() {
     );
 }
 
-#[test]
-fn verify_passes_on_a_healthy_daemon() {
-    let d = daemon(Config::default().queues(2));
-    let r = bench(
-        &d.socket,
-        &["--verify", "--json", "--queues", "2", "--iodepth", "16"],
-    );
+/// The checks every successful verify run over the whole image must pass.
+fn assert_verified(r: &Run) -> Value {
     assert!(
         r.ok,
         "verify failed\nstdout: {}\nstderr: {}",
@@ -273,6 +268,17 @@ fn verify_passes_on_a_healthy_daemon() {
     assert_eq!((u(&v, "errors"), u(&v, "bad_sectors")), (0, 0));
     assert_eq!(u(&v, "bytes_written"), IMG);
     assert_eq!(u(&v, "bytes_read"), IMG);
+    v
+}
+
+#[test]
+fn verify_passes_on_a_healthy_daemon() {
+    let d = daemon(Config::default().queues(2));
+    let r = bench(
+        &d.socket,
+        &["--verify", "--json", "--queues", "2", "--iodepth", "16"],
+    );
+    let v = assert_verified(&r);
     assert!(u(&v, "multi_segment_requests") > 0, "{v}");
     assert!(u(&v, "flushes") >= 2, "{v}");
     // The whole image now holds verify sectors.
@@ -556,14 +562,7 @@ fn hugepage_buffers_carry_io_and_a_short_pool_is_a_clear_error() {
             "16",
         ],
     );
-    assert!(
-        r.ok,
-        "verify failed\nstdout: {}\nstderr: {}",
-        r.stdout, r.stderr
-    );
-    let v = r.json();
-    assert_eq!(v["ok"], true, "{v}");
-    assert_eq!(u(&v, "bytes_read"), IMG);
+    assert_verified(&r);
     // Nothing of the bench's is left in the pool.
     assert_eq!(meminfo("HugePages_Free:"), 16);
 }
