@@ -132,6 +132,15 @@ pub struct ProbeArgs {
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum HugeBounce {
+    /// When the backing is opened with O_DIRECT, the kernel has transparent huge pages and
+    /// guest RAM is not on hugetlbfs.
+    Auto,
+    /// Never: transfers always go straight from guest memory.
+    Off,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 pub enum WriteCacheMode {
     /// Writes complete when the kernel has them; FLUSH makes them durable.
     Writeback,
@@ -193,6 +202,11 @@ pub struct ServeArgs {
     /// is QEMU's for its event loops.
     #[arg(long, default_value_t = 32, value_parser = clap::value_parser!(u32).range(0..=1000))]
     pub poll_us: u32,
+    /// With O_DIRECT, copy transfers of 16 KiB and more through huge-page buffers (8 MiB per
+    /// queue, transparent huge pages) unless guest RAM is on hugetlbfs: devices that pay per
+    /// memory segment then see one segment instead of one per 4 KiB page.
+    #[arg(long, value_enum, default_value_t = HugeBounce::Auto)]
+    pub huge_bounce: HugeBounce,
     #[command(flatten)]
     pub choice: EngineArgs,
     /// Directory for the built-in default's image and socket.
@@ -590,6 +604,7 @@ fn serve(args: ServeArgs, mode: Mode) -> Result<()> {
         writeback: args.write_cache == WriteCacheMode::Writeback,
         io_threads: usize::from(args.io_threads),
         poll: std::time::Duration::from_micros(u64::from(args.poll_us)),
+        huge_bounce: args.huge_bounce == HugeBounce::Auto,
         engine,
         direct,
     };

@@ -30,6 +30,9 @@ pub struct ExportConfig {
     pub io_threads: usize,
     /// How long a queue thread polls for more work after a batch (zero: not at all).
     pub poll: std::time::Duration,
+    /// With O_DIRECT, copy large transfers from guest memory in small pages through huge
+    /// pages (see [`crate::engine::huge_arena`]).
+    pub huge_bounce: bool,
     /// The engine every queue uses (see [`crate::policy`]).
     pub engine: EngineKind,
     /// Open the backing with O_DIRECT.
@@ -86,6 +89,8 @@ pub struct Export {
     pub io_threads: usize,
     /// How long a queue thread polls for more work after a batch.
     pub poll: std::time::Duration,
+    /// Whether large O_DIRECT transfers may go through huge-page bounce buffers.
+    pub huge_bounce: bool,
     /// The engine every queue uses.
     pub engine: EngineKind,
 }
@@ -162,6 +167,7 @@ impl Export {
             EngineParams {
                 queue_depth: usize::from(cfg.queue_size),
                 io_threads: cfg.io_threads,
+                huge_bounce: None,
             },
         )?;
         let disk = DiskGeometry {
@@ -179,6 +185,7 @@ impl Export {
             write_cache: WriteCache::new(cfg.writeback),
             io_threads: cfg.io_threads,
             poll: cfg.poll,
+            huge_bounce: cfg.huge_bounce,
             engine: cfg.engine,
         })
     }
@@ -207,6 +214,7 @@ mod tests {
             writeback: true,
             io_threads: 4,
             poll: std::time::Duration::ZERO,
+            huge_bounce: true,
             engine: EngineKind::Threads,
             direct: false,
         }

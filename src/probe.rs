@@ -388,7 +388,7 @@ fn known_file_system(magic: u32) -> KnownFs {
         0x0102_1997 => ("9p", Network, Never, None),
         0x0102_1994 => ("tmpfs", Memory, Never, Some(true)),
         0x8584_58f6 => ("ramfs", Memory, Never, Some(false)),
-        0x9584_58f6 => ("hugetlbfs", Memory, Never, Some(true)),
+        HUGETLBFS_MAGIC => ("hugetlbfs", Memory, Never, Some(true)),
         0x794c_7630 => ("overlay", Stacked, Never, None),
         0x6573_5546 => ("fuse", Stacked, Never, None),
         _ => {
@@ -407,6 +407,13 @@ fn known_file_system(magic: u32) -> KnownFs {
         punch_hole,
     }
 }
+
+/// Whether `file` lives on hugetlbfs (a memfd made with MFD_HUGETLB does too).
+pub fn on_hugetlbfs(file: &File) -> bool {
+    fs_magic_and_read_only(file).is_ok_and(|(magic, _)| magic == HUGETLBFS_MAGIC)
+}
+
+const HUGETLBFS_MAGIC: u32 = 0x9584_58f6;
 
 /// statfs f_type and the read-only flag of the mount (statvfs ST_RDONLY).
 fn fs_magic_and_read_only(file: &File) -> io::Result<(u32, bool)> {

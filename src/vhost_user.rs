@@ -15,7 +15,10 @@ use vhost::vhost_user::message::{VhostUserProtocolFeatures, VhostUserVirtioFeatu
 use vhost_user_backend::{VhostUserBackend, VringRwLock, VringT};
 use virtio_bindings::virtio_blk::{VIRTIO_BLK_F_FLUSH, VIRTIO_BLK_S_IOERR, VIRTIO_BLK_S_OK};
 use virtio_queue::{QueueOwnedT, QueueT};
-use vm_memory::{GuestAddress, GuestAddressSpace, GuestMemoryAtomic, GuestMemoryMmap};
+use vm_memory::{
+    GuestAddress, GuestAddressSpace, GuestMemoryAtomic, GuestMemoryBackend as _, GuestMemoryMmap,
+    GuestMemoryRegion as _,
+};
 use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::event::{
     EventConsumer, EventFlag, EventNotifier, new_event_consumer_and_notifier,
@@ -24,7 +27,9 @@ use vmm_sys_util::event::{
 use crate::blk::SECTOR_SIZE;
 use crate::blk::config_space::{self, WCE_OFFSET};
 use crate::blk::request::{self, GuestMemory, ParseError, Request, RequestKind};
-use crate::engine::{self, Completion, EngineParams, IoEngine, IoOp, Rejected, wait_readable};
+use crate::engine::{
+    self, BufferPages, Completion, EngineParams, IoEngine, IoOp, Rejected, wait_readable,
+};
 use crate::export::Export;
 use crate::guest_log;
 
@@ -434,6 +439,8 @@ impl QueueWorker {
 pub struct BlkBackend {
     dev: DeviceState,
     workers: Vec<Mutex<QueueWorker>>,
+    /// Whether guest RAM is in huge pages, for the engines' huge-page bouncing (None: off).
+    guest_pages: Option<Arc<BufferPages>>,
 }
 
 fn lock(w: &Mutex<QueueWorker>) -> MutexGuard<'_, QueueWorker> {
@@ -442,10 +449,23 @@ fn lock(w: &Mutex<QueueWorker>) -> MutexGuard<'_, QueueWorker> {
     w.lock().unwrap_or_else(PoisonError::into_inner)
 }
 
+/// Whether every region of guest RAM is a hugetlbfs mapping (a memfd with MFD_HUGETLB, or a
+/// file on a hugetlbfs mount): then large guest buffers are physically contiguous already.
+fn guest_ram_in_huge_pages(mem: &GuestMemoryMmap<()>) -> bool {
+    let mut regions = mem.iter().peekable();
+    regions.peek().is_some()
+        && regions.all(|r| {
+            r.file_offset()
+                .is_some_and(|f| crate::probe::on_hugetlbfs(f.file()))
+        })
+}
+
 impl BlkBackend {
     /// Backend state for a new connection to `export`, with fresh guest memory and engines.
     pub fn new(export: Arc<Export>) -> io::Result<Self> {
         let queues = usize::from(export.disk.num_queues);
+        let guest_pages = (export.huge_bounce && export.backing.direct())
+            .then(|| Arc::new(BufferPages::default()));
         let mut workers = Vec::with_capacity(queues);
         for index in 0..queues {
             let engine = engine::create(
@@ -454,6 +474,7 @@ impl BlkBackend {
                 EngineParams {
                     queue_depth: usize::from(export.disk.queue_size),
                     io_threads: export.io_threads,
+                    huge_bounce: guest_pages.clone(),
                 },
             )
             .map_err(io::Error::other)?;
@@ -477,6 +498,7 @@ impl BlkBackend {
                 flush_negotiated: AtomicBool::new(false),
             },
             workers,
+            guest_pages,
         })
     }
 
@@ -570,9 +592,24 @@ impl VhostUserBackend for BlkBackend {
         Ok(())
     }
 
-    fn update_memory(&self, _mem: AtomicGuestMemory) -> io::Result<()> {
+    fn update_memory(&self, mem: AtomicGuestMemory) -> io::Result<()> {
         // `dev.mem` is a clone of the same atomic handle; in-flight requests keep their own
         // snapshot of the old map alive.
+        if let Some(pages) = &self.guest_pages {
+            let huge = guest_ram_in_huge_pages(&mem.memory());
+            if huge != pages.huge() {
+                log::info!(
+                    "guest RAM is {}in huge pages: large transfers go {}",
+                    if huge { "" } else { "no longer " },
+                    if huge {
+                        "straight to the backing"
+                    } else {
+                        "through huge-page bounce buffers"
+                    }
+                );
+            }
+            pages.set_huge(huge);
+        }
         Ok(())
     }
 

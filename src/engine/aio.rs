@@ -538,6 +538,7 @@ mod tests {
         EngineParams {
             queue_depth,
             io_threads: 2,
+            huge_bounce: None,
         }
     }
 

@@ -1,13 +1,18 @@
 //! O_DIRECT needs aligned buffers. Guest buffers almost always are (page-cache pages, aligned
 //! user buffers), and those go straight to the kernel; the rare misaligned request is copied
 //! through an aligned bounce buffer. This adapter sits in front of any engine, so the engines
-//! themselves never deal with alignment.
+//! themselves never deal with alignment. It also copies large transfers through huge pages
+//! when asked to (see [`super::huge_arena`]).
 
 use std::alloc::{Layout, alloc_zeroed, dealloc};
 use std::os::unix::io::RawFd;
 use std::ptr::NonNull;
 
-use super::{Completion, EngineError, IoEngine, IoOp, IoVec, Rejected};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use super::huge_arena::{ArenaSlot, HugeArena};
+use super::{BufferPages, Completion, EngineError, IoEngine, IoOp, IoVec, Rejected};
 use crate::backing::DioAlign;
 
 /// An aligned heap buffer.
@@ -41,7 +46,7 @@ impl Drop for AlignedBuf {
     }
 }
 
-/// The inner engine's token: the caller's token, plus the bounce state of a misaligned read
+/// The inner engine's token: the caller's token, plus the bounce state of a bounced read
 /// or write.
 pub struct Bounced<T> {
     token: T,
@@ -49,25 +54,116 @@ pub struct Bounced<T> {
 }
 
 struct Bounce {
-    buf: AlignedBuf,
+    buf: BounceBuf,
     /// For reads: where the data goes once it has arrived.
     copy_back: Option<Vec<IoVec>>,
 }
 
-/// Bounces misaligned transfers of an O_DIRECT engine.
+/// Where a bounced transfer's bytes live while in flight.
+enum BounceBuf {
+    /// A heap buffer of its own (misaligned transfers).
+    Heap(AlignedBuf),
+    /// A run of the huge-page arena (large transfers).
+    Huge(ArenaSlot),
+}
+
+impl BounceBuf {
+    fn as_ptr(&self) -> *mut u8 {
+        match self {
+            BounceBuf::Heap(b) => b.ptr.as_ptr(),
+            BounceBuf::Huge(s) => s.as_ptr(),
+        }
+    }
+
+    fn iovec(&self, len: usize) -> IoVec {
+        match self {
+            BounceBuf::Heap(b) => b.iovec(len),
+            BounceBuf::Huge(s) => s.iovec(len),
+        }
+    }
+}
+
+/// Transfers at least this large are copied through huge pages when the caller's buffers are
+/// not in huge pages. Measured on this VM's disk with O_DIRECT reads from 4 KiB pages against
+/// 2 MiB pages: 1.3x the throughput at 16 KiB, 1.9x at 64 KiB, 2.7x at 1 MiB. A 4 KiB
+/// transfer is one segment either way.
+pub const HUGE_BOUNCE_MIN: usize = 16 << 10;
+
+/// Copying large transfers through huge pages: the switch shared with whoever knows how the
+/// caller's memory is backed, and this queue thread's arena.
+struct HugeBounce {
+    pages: Arc<BufferPages>,
+    arena: ArenaState,
+}
+
+enum ArenaState {
+    /// Not needed yet: made on the first large transfer.
+    NotYet,
+    Ready(HugeArena),
+    /// The kernel gave no huge pages; transfers go straight from the caller's memory.
+    Unavailable,
+}
+
+impl HugeBounce {
+    fn take(&mut self, len: usize) -> Option<ArenaSlot> {
+        if len < HUGE_BOUNCE_MIN || len > HugeArena::max_len() || self.pages.huge() {
+            return None;
+        }
+        if let ArenaState::NotYet = self.arena {
+            self.arena = match HugeArena::new() {
+                Ok(arena) => ArenaState::Ready(arena),
+                Err(why) => {
+                    static WARNED: AtomicBool = AtomicBool::new(false);
+                    if !WARNED.swap(true, Ordering::Relaxed) {
+                        log::warn!(
+                            "large O_DIRECT transfers go straight from guest memory, without \
+                             huge-page bounce buffers: {why}"
+                        );
+                    }
+                    ArenaState::Unavailable
+                }
+            };
+        }
+        match &mut self.arena {
+            ArenaState::Ready(arena) => arena.take(len),
+            _ => None,
+        }
+    }
+
+    fn give_back(&mut self, slot: ArenaSlot) {
+        if let ArenaState::Ready(arena) = &mut self.arena {
+            arena.give_back(slot);
+        }
+    }
+}
+
+/// Bounces the transfers of an O_DIRECT engine that need it: misaligned ones, and large ones
+/// from memory in small pages when huge-page bouncing is on.
 pub struct BounceAdapter<T> {
     inner: Box<dyn IoEngine<Bounced<T>>>,
     align: DioAlign,
     reaped: Vec<Completion<Bounced<T>>>,
+    /// Declared after `inner`: dropping `inner` finishes its transfers first. (The runs in
+    /// flight keep the arena's memory mapped anyway.)
+    huge: Option<HugeBounce>,
 }
 
 impl<T: Send + 'static> BounceAdapter<T> {
-    /// Wraps `inner`, whose backing needs `align`.
-    pub fn new(inner: Box<dyn IoEngine<Bounced<T>>>, align: DioAlign) -> Self {
+    /// Wraps `inner`, whose backing needs `align`. With `huge_pages`, large transfers from
+    /// buffers that `huge_pages` does not declare huge go through huge-page buffers.
+    pub fn new(
+        inner: Box<dyn IoEngine<Bounced<T>>>,
+        align: DioAlign,
+        huge_pages: Option<Arc<BufferPages>>,
+    ) -> Self {
         BounceAdapter {
             inner,
             align,
             reaped: Vec::new(),
+            huge: huge_pages.map(|pages| HugeBounce {
+                pages,
+                arena: ArenaState::NotYet,
+            }),
         }
     }
 
@@ -78,10 +174,36 @@ impl<T: Send + 'static> BounceAdapter<T> {
             .all(|b| (b.0.iov_base as usize).is_multiple_of(mem) && b.len().is_multiple_of(len))
     }
 
-    fn bounce_buffer(&self, total: usize) -> Result<AlignedBuf, EngineError> {
+    /// The bounce buffer `bufs` needs, if any: a huge-page run for a large transfer, else a
+    /// heap buffer when they are misaligned.
+    fn bounce_buffer(
+        &mut self,
+        bufs: &[IoVec],
+        total: usize,
+    ) -> Result<Option<BounceBuf>, EngineError> {
+        if let Some(slot) = self.huge.as_mut().and_then(|h| h.take(total)) {
+            return Ok(Some(BounceBuf::Huge(slot)));
+        }
+        if self.aligned(bufs) {
+            return Ok(None);
+        }
         let align = (self.align.mem as usize).max(4096).next_power_of_two();
         AlignedBuf::new(total, align)
+            .map(|b| Some(BounceBuf::Heap(b)))
             .ok_or_else(|| EngineError::Io(std::io::Error::from_raw_os_error(libc::ENOMEM)))
+    }
+
+    fn release(&mut self, bounce: Option<Bounce>) {
+        if let (
+            Some(Bounce {
+                buf: BounceBuf::Huge(slot),
+                ..
+            }),
+            Some(huge),
+        ) = (bounce, self.huge.as_mut())
+        {
+            huge.give_back(slot);
+        }
     }
 }
 
@@ -118,57 +240,67 @@ impl<T: Send + 'static> IoEngine<T> for BounceAdapter<T> {
 
     fn submit(&mut self, op: IoOp, token: T) -> Result<(), Rejected<T>> {
         let (op, bounce) = match op {
-            IoOp::Read { offset, bufs } if !self.aligned(&bufs) => {
+            IoOp::Read { offset, bufs } => {
                 let total = bufs.iter().map(IoVec::len).sum();
-                let buf = match self.bounce_buffer(total) {
-                    Ok(b) => b,
+                match self.bounce_buffer(&bufs, total) {
                     Err(error) => return Err(Rejected { token, error }),
-                };
-                let op = IoOp::Read {
-                    offset,
-                    bufs: vec![buf.iovec(total)],
-                };
-                (
-                    op,
-                    Some(Bounce {
-                        buf,
-                        copy_back: Some(bufs),
-                    }),
-                )
+                    Ok(None) => (IoOp::Read { offset, bufs }, None),
+                    Ok(Some(buf)) => {
+                        let op = IoOp::Read {
+                            offset,
+                            bufs: vec![buf.iovec(total)],
+                        };
+                        let bounce = Bounce {
+                            buf,
+                            copy_back: Some(bufs),
+                        };
+                        (op, Some(bounce))
+                    }
+                }
             }
             IoOp::Write {
                 offset,
                 bufs,
                 durable,
-            } if !self.aligned(&bufs) => {
+            } => {
                 let total = bufs.iter().map(IoVec::len).sum();
-                let buf = match self.bounce_buffer(total) {
-                    Ok(b) => b,
+                match self.bounce_buffer(&bufs, total) {
                     Err(error) => return Err(Rejected { token, error }),
-                };
-                // SAFETY: `bufs` follow the IoVec contract and `buf` was just allocated with
-                // `total` bytes, disjoint from them.
-                unsafe { copy_scattered(buf.ptr.as_ptr(), &bufs, false) };
-                let op = IoOp::Write {
-                    offset,
-                    bufs: vec![buf.iovec(total)],
-                    durable,
-                };
-                (
-                    op,
-                    Some(Bounce {
-                        buf,
-                        copy_back: None,
-                    }),
-                )
+                    Ok(None) => (
+                        IoOp::Write {
+                            offset,
+                            bufs,
+                            durable,
+                        },
+                        None,
+                    ),
+                    Ok(Some(buf)) => {
+                        // SAFETY: `bufs` follow the IoVec contract and `buf` was just taken
+                        // with at least `total` bytes, disjoint from them.
+                        unsafe { copy_scattered(buf.as_ptr(), &bufs, false) };
+                        let op = IoOp::Write {
+                            offset,
+                            bufs: vec![buf.iovec(total)],
+                            durable,
+                        };
+                        let bounce = Bounce {
+                            buf,
+                            copy_back: None,
+                        };
+                        (op, Some(bounce))
+                    }
+                }
             }
             op => (op, None),
         };
         self.inner
             .submit(op, Bounced { token, bounce })
-            .map_err(|r| Rejected {
-                token: r.token.token,
-                error: r.error,
+            .map_err(|r| {
+                self.release(r.token.bounce);
+                Rejected {
+                    token: r.token.token,
+                    error: r.error,
+                }
             })
     }
 
@@ -182,24 +314,23 @@ impl<T: Send + 'static> IoEngine<T> for BounceAdapter<T> {
 
     fn reap(&mut self, out: &mut Vec<Completion<T>>) {
         self.inner.reap(&mut self.reaped);
-        for c in self.reaped.drain(..) {
-            if let (
-                Ok(()),
-                Some(Bounce {
-                    buf,
-                    copy_back: Some(dest),
-                }),
-            ) = (&c.result, &c.token.bounce)
+        let mut reaped = std::mem::take(&mut self.reaped);
+        for Completion { token, result } in reaped.drain(..) {
+            if let (Ok(()), Some(bounce)) = (&result, &token.bounce)
+                && let Some(dest) = &bounce.copy_back
             {
                 // SAFETY: `dest` are the caller's buffers (IoVec contract: still valid, the
-                // caller's token is only now handed back) and `buf` holds their total length.
-                unsafe { copy_scattered(buf.ptr.as_ptr(), dest, true) };
+                // caller's token is only now handed back) and the bounce buffer holds their
+                // total length.
+                unsafe { copy_scattered(bounce.buf.as_ptr(), dest, true) };
             }
+            self.release(token.bounce);
             out.push(Completion {
-                token: c.token.token,
-                result: c.result,
+                token: token.token,
+                result,
             });
         }
+        self.reaped = reaped;
     }
 
     fn in_flight(&self) -> usize {
@@ -250,7 +381,7 @@ mod tests {
         let align = backing.dio_align();
         let inner: Box<dyn IoEngine<Bounced<u32>>> =
             Box::new(ThreadPoolEngine::new(backing.clone(), 2, 8).unwrap());
-        let mut engine = BounceAdapter::new(inner, align);
+        let mut engine = BounceAdapter::new(inner, align, None);
 
         // A 4 KiB write from a buffer that starts 1 byte into an allocation, split in two
         // iovecs of odd lengths: misaligned in every way O_DIRECT cares about.
@@ -280,5 +411,241 @@ mod tests {
 
         let aligned = AlignedBuf::new(4096, 4096).unwrap();
         assert!(engine.aligned(&[aligned.iovec(4096)]));
+    }
+
+    /// An inner engine that records what reaches it and finishes everything at once: reads
+    /// fill their buffers with `READ_BYTE`, writes keep a copy of what they would write.
+    struct Recorder {
+        fd: vmm_sys_util::eventfd::EventFd,
+        done: Vec<Completion<Bounced<u32>>>,
+        seen: Vec<Seen>,
+        refuse: bool,
+    }
+
+    /// One operation as the recorder saw it: its iovecs (address, length) and, for writes,
+    /// the bytes.
+    type Seen = (Vec<(usize, usize)>, Vec<u8>);
+
+    const READ_BYTE: u8 = 0x5a;
+
+    impl IoEngine<Bounced<u32>> for Recorder {
+        fn name(&self) -> &'static str {
+            "recorder"
+        }
+        fn free_slots(&self) -> usize {
+            usize::MAX
+        }
+        fn submit(&mut self, op: IoOp, token: Bounced<u32>) -> Result<(), Rejected<Bounced<u32>>> {
+            if self.refuse {
+                let error = EngineError::Io(std::io::Error::from_raw_os_error(libc::EAGAIN));
+                return Err(Rejected { token, error });
+            }
+            let (bufs, write) = match op {
+                IoOp::Read { bufs, .. } => (bufs, false),
+                IoOp::Write { bufs, .. } => (bufs, true),
+                _ => unreachable!("the tests only read and write"),
+            };
+            let mut bytes = Vec::new();
+            for b in &bufs {
+                let p = b.0.iov_base.cast::<u8>();
+                // SAFETY: the adapter hands in valid iovecs (the IoVec contract).
+                unsafe {
+                    if write {
+                        bytes.extend_from_slice(std::slice::from_raw_parts(p, b.len()));
+                    } else {
+                        std::ptr::write_bytes(p, READ_BYTE, b.len());
+                    }
+                }
+            }
+            self.seen.push((
+                bufs.iter()
+                    .map(|b| (b.0.iov_base as usize, b.len()))
+                    .collect(),
+                bytes,
+            ));
+            self.done.push(Completion {
+                token,
+                result: Ok(()),
+            });
+            self.fd.write(1).unwrap();
+            Ok(())
+        }
+        fn completion_fd(&self) -> RawFd {
+            use std::os::unix::io::AsRawFd;
+            self.fd.as_raw_fd()
+        }
+        fn reap(&mut self, out: &mut Vec<Completion<Bounced<u32>>>) {
+            out.append(&mut self.done);
+        }
+        fn in_flight(&self) -> usize {
+            self.done.len()
+        }
+    }
+
+    /// The adapter over a recorder, with huge-page bouncing for buffers `pages` describes;
+    /// the recorder is reachable through the returned raw pointer while the adapter lives.
+    fn huge_adapter(pages: &Arc<BufferPages>) -> (BounceAdapter<u32>, *const Recorder) {
+        let recorder = Box::new(Recorder {
+            fd: vmm_sys_util::eventfd::EventFd::new(libc::EFD_NONBLOCK).unwrap(),
+            done: Vec::new(),
+            seen: Vec::new(),
+            refuse: false,
+        });
+        let at: *const Recorder = &*recorder;
+        let align = DioAlign {
+            mem: 512,
+            offset: 512,
+        };
+        (BounceAdapter::new(recorder, align, Some(pages.clone())), at)
+    }
+
+    fn arena_slots_in_use(engine: &BounceAdapter<u32>) -> usize {
+        match &engine.huge.as_ref().unwrap().arena {
+            ArenaState::Ready(a) => a.slots_in_use(),
+            _ => 0,
+        }
+    }
+
+    /// `n` page-aligned 4 KiB buffers that are not next to each other.
+    fn scattered(n: usize) -> (Vec<AlignedBuf>, Vec<IoVec>) {
+        let bufs: Vec<_> = (0..n)
+            .map(|_| AlignedBuf::new(8192, 4096).unwrap())
+            .collect();
+        let iovs = bufs.iter().map(|b| b.iovec(4096)).collect();
+        (bufs, iovs)
+    }
+
+    #[test]
+    fn large_transfers_go_through_one_huge_page_run_small_ones_straight() {
+        let pages = Arc::new(BufferPages::default());
+        let (mut engine, recorder) = huge_adapter(&pages);
+        // SAFETY: the recorder lives inside `engine` until the end of the test and is only
+        // read between calls into the engine.
+        let seen = || unsafe { &(*recorder).seen };
+
+        // A 128 KiB read into 32 scattered pages: one iovec, in a huge page, copied back.
+        let (dst, iovs) = scattered(32);
+        run(
+            &mut engine,
+            IoOp::Read {
+                offset: 0,
+                bufs: iovs,
+            },
+        );
+        let (iovs, _) = seen().last().unwrap();
+        assert_eq!(
+            iovs.len(),
+            1,
+            "the read reached the engine in {} pieces",
+            iovs.len()
+        );
+        assert_eq!(iovs[0].1, 128 << 10);
+        assert!(super::super::huge_arena::in_huge_page(
+            iovs[0].0 as *const u8
+        ));
+        for b in &dst {
+            // SAFETY: each buffer holds 8 KiB, of which the first 4 KiB were read into.
+            let got = unsafe { std::slice::from_raw_parts(b.ptr.as_ptr(), 4096) };
+            assert!(
+                got.iter().all(|&x| x == READ_BYTE),
+                "the read was not copied back"
+            );
+        }
+        assert_eq!(arena_slots_in_use(&engine), 0, "the run was not given back");
+
+        // A 128 KiB write from scattered pages: the engine sees the same bytes, in one piece.
+        let (src, iovs) = scattered(32);
+        for (i, b) in src.iter().enumerate() {
+            // SAFETY: each buffer holds 8 KiB.
+            unsafe { std::ptr::write_bytes(b.ptr.as_ptr(), i as u8, 4096) };
+        }
+        run(
+            &mut engine,
+            IoOp::Write {
+                offset: 0,
+                bufs: iovs,
+                durable: false,
+            },
+        );
+        let (iovs, bytes) = seen().last().unwrap();
+        assert_eq!(iovs.len(), 1);
+        let expected: Vec<u8> = (0..32u8).flat_map(|i| [i; 4096]).collect();
+        assert!(*bytes == expected, "the write's bytes changed on the way");
+
+        // Below the threshold, aligned transfers go straight.
+        let (_small, iovs) = scattered(2);
+        let first = iovs[0].0.iov_base as usize;
+        run(
+            &mut engine,
+            IoOp::Read {
+                offset: 0,
+                bufs: iovs,
+            },
+        );
+        assert_eq!(seen().last().unwrap().0.len(), 2);
+        assert_eq!(seen().last().unwrap().0[0].0, first);
+
+        // Buffers in huge pages already go straight, however large.
+        pages.set_huge(true);
+        let (_big, iovs) = scattered(32);
+        run(
+            &mut engine,
+            IoOp::Read {
+                offset: 0,
+                bufs: iovs,
+            },
+        );
+        assert_eq!(seen().last().unwrap().0.len(), 32);
+    }
+
+    #[test]
+    fn a_full_arena_or_a_refused_submission_loses_nothing() {
+        let pages = Arc::new(BufferPages::default());
+        let (mut engine, recorder) = huge_adapter(&pages);
+        let recorder = recorder.cast_mut();
+        // Fill the arena without reaping: 64 transfers of 128 KiB take all of it.
+        let mut keep = Vec::new();
+        for token in 0..65 {
+            let (bufs, iovs) = scattered(32);
+            keep.push(bufs);
+            engine
+                .submit(
+                    IoOp::Read {
+                        offset: 0,
+                        bufs: iovs,
+                    },
+                    token,
+                )
+                .unwrap();
+        }
+        assert_eq!(arena_slots_in_use(&engine), 128);
+        // SAFETY: the recorder lives inside `engine`; no call into the engine is running.
+        let seen = unsafe { &(*recorder).seen };
+        assert_eq!(seen[63].0.len(), 1);
+        assert_eq!(
+            seen[64].0.len(),
+            32,
+            "with the arena full, the 65th goes straight"
+        );
+        let mut out = Vec::new();
+        engine.reap(&mut out);
+        assert_eq!(out.len(), 65);
+        assert_eq!(arena_slots_in_use(&engine), 0);
+
+        // A refusal hands the token back and the run to the arena.
+        // SAFETY: as above.
+        unsafe { (*recorder).refuse = true };
+        let (_bufs, iovs) = scattered(32);
+        let r = engine
+            .submit(
+                IoOp::Read {
+                    offset: 0,
+                    bufs: iovs,
+                },
+                99,
+            )
+            .unwrap_err();
+        assert_eq!(r.token, 99);
+        assert_eq!(arena_slots_in_use(&engine), 0);
     }
 }

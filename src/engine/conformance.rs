@@ -29,6 +29,8 @@ struct Setup {
     kind: EngineKind,
     /// Open the backing with O_DIRECT: every buffer, offset and length is then 4096-aligned.
     direct: bool,
+    /// Copy large O_DIRECT transfers through huge pages (the daemon's default).
+    huge_bounce: bool,
 }
 
 /// Generates one `#[test]` per case for the configuration `$setup`.
@@ -73,11 +75,13 @@ macro_rules! engines {
 }
 
 engines! {
-    threads: Setup { kind: EngineKind::Threads, direct: false },
-    threads_direct: Setup { kind: EngineKind::Threads, direct: true },
-    uring: Setup { kind: EngineKind::IoUring, direct: false },
-    uring_direct: Setup { kind: EngineKind::IoUring, direct: true },
-    linux_aio: Setup { kind: EngineKind::LinuxAio, direct: true },
+    threads: Setup { kind: EngineKind::Threads, direct: false, huge_bounce: false },
+    threads_direct: Setup { kind: EngineKind::Threads, direct: true, huge_bounce: false },
+    uring: Setup { kind: EngineKind::IoUring, direct: false, huge_bounce: false },
+    uring_direct: Setup { kind: EngineKind::IoUring, direct: true, huge_bounce: false },
+    uring_direct_huge_bounce: Setup { kind: EngineKind::IoUring, direct: true, huge_bounce: true },
+    linux_aio: Setup { kind: EngineKind::LinuxAio, direct: true, huge_bounce: false },
+    linux_aio_huge_bounce: Setup { kind: EngineKind::LinuxAio, direct: true, huge_bounce: true },
 }
 
 /// Set to skip (with a message) the cases of engines the kernel cannot run.
@@ -587,6 +591,9 @@ impl Rig {
         let params = EngineParams {
             queue_depth: depth,
             io_threads: 4,
+            huge_bounce: setup
+                .huge_bounce
+                .then(|| Arc::new(super::BufferPages::default())),
         };
         let engine = match engine::create(setup.kind, backing.clone(), params) {
             Ok(engine) => engine,

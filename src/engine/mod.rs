@@ -9,6 +9,7 @@
 use std::io;
 use std::os::unix::io::RawFd;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 
 use crate::backing::{Backing, BackingKind};
 
@@ -17,6 +18,7 @@ pub mod aio_abi;
 pub mod bounce;
 #[cfg(test)]
 mod conformance;
+pub mod huge_arena;
 pub mod null;
 pub mod threads;
 pub mod uring;
@@ -60,16 +62,40 @@ impl std::fmt::Display for EngineKind {
 }
 
 /// Sizing of one queue thread's engine.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone, Default)]
 pub struct EngineParams {
     /// Most operations in flight (the virtqueue size: a ring never holds more requests).
     pub queue_depth: usize,
     /// Most pool threads (thread-pool engine, and helper paths of the others).
     pub io_threads: usize,
+    /// On an O_DIRECT backing, copy large transfers through huge pages unless these buffers
+    /// are in huge pages already (see [`huge_arena`]). None: never.
+    pub huge_bounce: Option<Arc<BufferPages>>,
+}
+
+/// Whether the buffers a submitter hands in lie in huge pages. Set by whoever knows how that
+/// memory is backed (for vublk, the vhost-user glue, from the guest's memory regions) and read
+/// by the queue threads' engines; it changes only when the memory map does.
+#[derive(Debug, Default)]
+pub struct BufferPages {
+    huge: AtomicBool,
+}
+
+impl BufferPages {
+    /// Records whether the buffers are in huge pages.
+    pub fn set_huge(&self, huge: bool) {
+        self.huge.store(huge, Ordering::Relaxed);
+    }
+
+    /// Whether the buffers are in huge pages.
+    pub fn huge(&self) -> bool {
+        self.huge.load(Ordering::Relaxed)
+    }
 }
 
 /// Creates the engine of `kind` for one queue thread. On an O_DIRECT backing the engine sits
-/// behind a [`BounceAdapter`], so misaligned guest buffers still work.
+/// behind a [`BounceAdapter`], so misaligned guest buffers still work (and large transfers go
+/// through huge pages where `params.huge_bounce` asks for it).
 pub fn create<T: Send + 'static>(
     kind: EngineKind,
     backing: Arc<Backing>,
@@ -77,8 +103,9 @@ pub fn create<T: Send + 'static>(
 ) -> Result<Box<dyn IoEngine<T>>, EngineError> {
     if backing.direct() {
         let align = backing.dio_align();
+        let huge_pages = params.huge_bounce.clone();
         let inner = create_unaligned::<bounce::Bounced<T>>(kind, backing, params)?;
-        Ok(Box::new(BounceAdapter::new(inner, align)))
+        Ok(Box::new(BounceAdapter::new(inner, align, huge_pages)))
     } else {
         create_unaligned(kind, backing, params)
     }

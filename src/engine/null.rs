@@ -105,8 +105,9 @@ mod tests {
         let params = EngineParams {
             queue_depth: 4,
             io_threads: 1,
+            huge_bounce: None,
         };
-        let mut engine = create::<u32>(EngineKind::Null, backing.clone(), params).unwrap();
+        let mut engine = create::<u32>(EngineKind::Null, backing.clone(), params.clone()).unwrap();
         let mut buf = vec![0xffu8; 4096];
         // SAFETY: `buf` outlives the operation, which completes within this test.
         let iov = unsafe { IoVec::new(buf.as_mut_ptr(), buf.len()) };

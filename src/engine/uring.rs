@@ -611,6 +611,7 @@ mod tests {
         let params = EngineParams {
             queue_depth: 4,
             io_threads: 1,
+            huge_bounce: None,
         };
         let mut engine = UringEngine::new(backing.clone(), params).unwrap();
         let op = IoOp::WriteZeroes {
