@@ -449,15 +449,20 @@ fn lock(w: &Mutex<QueueWorker>) -> MutexGuard<'_, QueueWorker> {
     w.lock().unwrap_or_else(PoisonError::into_inner)
 }
 
-/// Whether every region of guest RAM is a hugetlbfs mapping (a memfd with MFD_HUGETLB, or a
-/// file on a hugetlbfs mount): then large guest buffers are physically contiguous already.
-fn guest_ram_in_huge_pages(mem: &GuestMemoryMmap<()>) -> bool {
-    let mut regions = mem.iter().peekable();
-    regions.peek().is_some()
-        && regions.all(|r| {
+/// Where guest RAM lies in hugetlbfs mappings (a memfd with MFD_HUGETLB, or a file on a
+/// hugetlbfs mount), as host address ranges: large guest buffers there are physically
+/// contiguous already. Other regions (a frontend's own rings, say) may be in small pages.
+fn guest_ram_in_huge_pages(mem: &GuestMemoryMmap<()>) -> Vec<std::ops::Range<usize>> {
+    mem.iter()
+        .filter(|r| {
             r.file_offset()
                 .is_some_and(|f| crate::probe::on_hugetlbfs(f.file()))
         })
+        .map(|r| {
+            let start = r.as_ptr() as usize;
+            start..start.saturating_add(r.size())
+        })
+        .collect()
 }
 
 impl BlkBackend {
@@ -597,18 +602,18 @@ impl VhostUserBackend for BlkBackend {
         // snapshot of the old map alive.
         if let Some(pages) = &self.guest_pages {
             let huge = guest_ram_in_huge_pages(&mem.memory());
-            if huge != pages.huge() {
+            if huge.is_empty() != pages.huge_ranges_empty() {
                 log::info!(
-                    "guest RAM is {}in huge pages: large transfers go {}",
-                    if huge { "" } else { "no longer " },
-                    if huge {
-                        "straight to the backing"
-                    } else {
+                    "guest RAM is {}in huge pages: large transfers from there go {}",
+                    if huge.is_empty() { "no longer " } else { "" },
+                    if huge.is_empty() {
                         "through huge-page bounce buffers"
+                    } else {
+                        "straight to the backing"
                     }
                 );
             }
-            pages.set_huge(huge);
+            pages.set_huge_ranges(huge);
         }
         Ok(())
     }

@@ -105,13 +105,20 @@ enum ArenaState {
 }
 
 impl HugeBounce {
-    fn take(&mut self, len: usize) -> Option<ArenaSlot> {
-        if len < HUGE_BOUNCE_MIN || len > HugeArena::max_len() || self.pages.huge() {
+    fn take(&mut self, bufs: &[IoVec], len: usize) -> Option<ArenaSlot> {
+        if len < HUGE_BOUNCE_MIN || len > HugeArena::max_len() || self.pages.all_huge(bufs) {
             return None;
         }
         if let ArenaState::NotYet = self.arena {
             self.arena = match HugeArena::new() {
-                Ok(arena) => ArenaState::Ready(arena),
+                Ok(arena) => {
+                    log::info!(
+                        "{} MiB of huge-page bounce buffers for large O_DIRECT transfers from \
+                         guest RAM in small pages",
+                        HugeArena::max_len() >> 20
+                    );
+                    ArenaState::Ready(arena)
+                }
                 Err(why) => {
                     static WARNED: AtomicBool = AtomicBool::new(false);
                     if !WARNED.swap(true, Ordering::Relaxed) {
@@ -181,7 +188,7 @@ impl<T: Send + 'static> BounceAdapter<T> {
         bufs: &[IoVec],
         total: usize,
     ) -> Result<Option<BounceBuf>, EngineError> {
-        if let Some(slot) = self.huge.as_mut().and_then(|h| h.take(total)) {
+        if let Some(slot) = self.huge.as_mut().and_then(|h| h.take(bufs, total)) {
             return Ok(Some(BounceBuf::Huge(slot)));
         }
         if self.aligned(bufs) {
@@ -585,9 +592,16 @@ mod tests {
         assert_eq!(seen().last().unwrap().0.len(), 2);
         assert_eq!(seen().last().unwrap().0[0].0, first);
 
-        // Buffers in huge pages already go straight, however large.
-        pages.set_huge(true);
-        let (_big, iovs) = scattered(32);
+        // Buffers in huge pages already go straight, however large; a transfer with one
+        // buffer outside them does not.
+        let (big, iovs) = scattered(32);
+        let lo = big.iter().map(|b| b.ptr.as_ptr() as usize).min().unwrap();
+        let hi = big
+            .iter()
+            .map(|b| b.ptr.as_ptr() as usize + 8192)
+            .max()
+            .unwrap();
+        pages.set_huge_ranges(vec![lo..hi]);
         run(
             &mut engine,
             IoOp::Read {
@@ -596,6 +610,17 @@ mod tests {
             },
         );
         assert_eq!(seen().last().unwrap().0.len(), 32);
+        let last = big.iter().map(|b| b.ptr.as_ptr() as usize).max().unwrap();
+        pages.set_huge_ranges(vec![lo..last]);
+        let iovs = big.iter().map(|b| b.iovec(4096)).collect();
+        run(
+            &mut engine,
+            IoOp::Read {
+                offset: 0,
+                bufs: iovs,
+            },
+        );
+        assert_eq!(seen().last().unwrap().0.len(), 1);
     }
 
     #[test]

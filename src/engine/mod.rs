@@ -8,8 +8,8 @@
 
 use std::io;
 use std::os::unix::io::RawFd;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, PoisonError, RwLock};
 
 use crate::backing::{Backing, BackingKind};
 
@@ -73,23 +73,41 @@ pub struct EngineParams {
     pub huge_bounce: Option<Arc<BufferPages>>,
 }
 
-/// Whether the buffers a submitter hands in lie in huge pages. Set by whoever knows how that
-/// memory is backed (for vublk, the vhost-user glue, from the guest's memory regions) and read
-/// by the queue threads' engines; it changes only when the memory map does.
+/// Which of a submitter's buffers lie in huge pages: address ranges set by whoever knows how
+/// that memory is backed (for vublk, the vhost-user glue, from the guest's memory regions) and
+/// read by the queue threads' engines. It changes only when the memory map does.
 #[derive(Debug, Default)]
 pub struct BufferPages {
-    huge: AtomicBool,
+    /// Whether `huge` holds anything: the common answer without taking the lock.
+    any_huge: AtomicBool,
+    huge: RwLock<Vec<std::ops::Range<usize>>>,
 }
 
 impl BufferPages {
-    /// Records whether the buffers are in huge pages.
-    pub fn set_huge(&self, huge: bool) {
-        self.huge.store(huge, Ordering::Relaxed);
+    /// Records the address ranges that are in huge pages (all others are not).
+    pub fn set_huge_ranges(&self, ranges: Vec<std::ops::Range<usize>>) {
+        let any = !ranges.is_empty();
+        *self.huge.write().unwrap_or_else(PoisonError::into_inner) = ranges;
+        self.any_huge.store(any, Ordering::Release);
     }
 
-    /// Whether the buffers are in huge pages.
-    pub fn huge(&self) -> bool {
-        self.huge.load(Ordering::Relaxed)
+    /// Whether no range is in huge pages.
+    pub fn huge_ranges_empty(&self) -> bool {
+        !self.any_huge.load(Ordering::Acquire)
+    }
+
+    /// Whether every one of `bufs` lies in huge pages.
+    pub fn all_huge(&self, bufs: &[IoVec]) -> bool {
+        if !self.any_huge.load(Ordering::Acquire) {
+            return false;
+        }
+        let ranges = self.huge.read().unwrap_or_else(PoisonError::into_inner);
+        bufs.iter().all(|b| {
+            let start = b.0.iov_base as usize;
+            ranges
+                .iter()
+                .any(|r| r.start <= start && start.saturating_add(b.len()) <= r.end)
+        })
     }
 }
 
