@@ -6,8 +6,9 @@
 # A B A B (--rounds), each measured by the same `vublk bench` frontend (libblkio), and the
 # summary prints medians and vublk/qsd ratios next to the targets of README "Performance":
 #   * 4k random read QD32 and QD1, 4k random write QD32, 128k sequential read QD8 (also with
-#     the frontend's buffers in 2 MiB huge pages): vublk's auto engine vs qsd with
-#     aio=io_uring,cache.direct=on, one queue;
+#     the frontend's buffers in 2 MiB huge pages) and write QD8: vublk's auto engine vs qsd
+#     with aio=io_uring,cache.direct=on, one queue; the 128k workloads also with vublk's
+#     huge-page bounce buffers off, to show what they are worth;
 #   * transport only: vublk --null vs qsd's null-co driver, 4k random read QD32, 1 and 2 queues;
 #   * the host figure: fio directly on the image (O_DIRECT, io_uring), the physical limit.
 #
@@ -16,7 +17,7 @@
 #   VUBLK_BENCH_CACHE_MB (page-cache cap for the backend, default 256), VUBLK_BIN, VUBLK_QSD_BIN,
 #   VUBLK_BENCH_VUBLK_ARGS (extra `vublk serve` options for every vublk run, e.g. "--poll-us 200").
 # Needs root (memory cgroup, huge pages; fio is installed when missing). Takes about
-#   rounds x 18 x (runtime + ramp) seconds plus the fill: about 11 minutes with the defaults.
+#   rounds x 23 x (runtime + ramp) seconds plus the fill: about 12 minutes with the defaults.
 set -euo pipefail
 export VUBLK_LOG_TAG=bench-vs-qsd
 # shellcheck source-path=SCRIPTDIR source=lib/bench.sh
@@ -61,15 +62,24 @@ WORKLOADS=(
     "randwrite-4k-qd32|--rw randwrite --bs 4k --iodepth 32"
     "read-128k-qd8|--rw read --bs 128k --iodepth 8"
     "read-128k-qd8-hugepages|--rw read --bs 128k --iodepth 8 --hugepages"
+    "write-128k-qd8|--rw write --bs 128k --iodepth 8"
+)
+# What vublk's huge-page bounce buffers are worth: the large-transfer workloads again with
+# `--huge-bounce off` (vublk only).
+NOBOUNCE_WORKLOADS=(
+    "read-128k-qd8|--rw read --bs 128k --iodepth 8"
+    "write-128k-qd8|--rw write --bs 128k --iodepth 8"
 )
 reserve_hugepages 2
 
-run_storage() { # run_storage BACKEND ROUND
-    local w name args
-    for w in "${WORKLOADS[@]}"; do
+run_storage() { # run_storage BACKEND ROUND [WORKLOAD...]
+    local w name args backend=$1 round=$2
+    shift 2
+    [[ $# -gt 0 ]] || set -- "${WORKLOADS[@]}"
+    for w in "$@"; do
         name=${w%%|*}
         read -ra args <<<"${w#*|}"
-        measure "{\"suite\":\"storage\",\"backend\":\"$1\",\"workload\":\"$name\",\"round\":$2}" "${args[@]}"
+        measure "{\"suite\":\"storage\",\"backend\":\"$backend\",\"workload\":\"$name\",\"round\":$round}" "${args[@]}"
     done
 }
 
@@ -88,10 +98,16 @@ for ((round = 1; round <= ROUNDS; round++)); do
         "$IMG" --rw=randwrite --bs=4k --iodepth=32
     host_fio "{\"suite\":\"storage\",\"backend\":\"host\",\"workload\":\"read-128k-qd8\",\"round\":$round}" \
         "$IMG" --rw=read --bs=128k --iodepth=8
+    host_fio "{\"suite\":\"storage\",\"backend\":\"host\",\"workload\":\"write-128k-qd8\",\"round\":$round}" \
+        "$IMG" --rw=write --bs=128k --iodepth=8
 
     log "round $round/$ROUNDS: vublk (engine auto)"
     start_vublk "$OUT/vublk.log" --file "$IMG" "${VUBLK_EXTRA[@]}"
     run_storage vublk "$round"
+    stop_backend
+    log "round $round/$ROUNDS: vublk --huge-bounce off"
+    start_vublk "$OUT/vublk.log" --file "$IMG" --huge-bounce off "${VUBLK_EXTRA[@]}"
+    run_storage vublk-nobounce "$round" "${NOBOUNCE_WORKLOADS[@]}"
     stop_backend
     log "round $round/$ROUNDS: qemu-storage-daemon (aio=io_uring, cache.direct=on)"
     start_qsd "$OUT/qsd.log" "driver=file,node-name=f0,filename=$IMG,aio=io_uring,cache.direct=on" 1

@@ -74,6 +74,7 @@ def vs_qsd(rows):
     row("randwrite-4k-qd32", "backend CPU µs/IO", "backend_cpu_us_per_io", 2)
     row("read-128k-qd8", "MiB/s", "mib_s", 0, 1.0, True)
     row("read-128k-qd8-hugepages", "MiB/s", "mib_s", 0)
+    row("write-128k-qd8", "MiB/s", "mib_s", 0)
     row("null-randread-4k-qd32-q1", "IOPS (vs null-co)", "iops", 0, 1.5, True)
     row("null-randread-4k-qd32-q1", "backend CPU µs/IO", "backend_cpu_us_per_io", 2)
     row("null-randread-4k-qd32-q2", "IOPS (vs null-co)", "iops", 0)
@@ -84,6 +85,16 @@ def vs_qsd(rows):
         f"Null backing, 2 queues over 1 queue: vublk {verdict(ratio(v2, v1), 1.6)}, "
         f"qsd {fmt(ratio(q2, q1), 2)}.",
     ]
+    nobounce = []
+    for w in ("read-128k-qd8", "write-128k-qd8"):
+        off, on, q = m("vublk-nobounce", w, "mib_s"), m("vublk", w, "mib_s"), m("qsd", w, "mib_s")
+        if off is not None:
+            nobounce.append(
+                f"{w} {fmt(off)} MiB/s ({fmt(ratio(off, q), 2)}× qsd; with bounce buffers "
+                f"{fmt(ratio(on, off), 2)}× this)"
+            )
+    if nobounce:
+        out += ["", "vublk with `--huge-bounce off`: " + "; ".join(nobounce) + "."]
     return "\n".join(out)
 
 
