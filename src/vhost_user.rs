@@ -100,6 +100,16 @@ struct QueueWorker {
 /// The longest a queue thread polls in one go (see [`QueueWorker::poll_for_more`]).
 const POLL_SESSION_LIMIT: Duration = Duration::from_millis(2);
 
+/// A queue thread hands what it has popped to the kernel after every this many requests, not
+/// once per pass over the ring. A frontend often makes many requests available at once (a
+/// whole queue depth when the device completes in batches, as this VM's disk does), and
+/// parsing them all before the first reaches the device leaves the device idle meanwhile.
+/// Measured through the socket on a written file at QD32 (three rounds each, medians): with
+/// one submission per pass 4k random reads ran at 68k IOPS and writes at 78k; submitting
+/// every 4 requests, 84k and 102k, for 5-10% more CPU per request; every request, 86k and 96k
+/// at 20-30% more CPU; every 8, 81k and 100k.
+const SUBMIT_EVERY: usize = 4;
+
 impl QueueWorker {
     fn process_queue(&mut self, dev: &DeviceState, vring: &VringRwLock) {
         if self.stopping {
@@ -131,6 +141,11 @@ impl QueueWorker {
                 break;
             }
         }
+        self.commit();
+        self.signal(vring);
+    }
+
+    fn commit(&mut self) {
         if let Err(e) = self.engine.commit() {
             guest_log!(
                 Level::Error,
@@ -138,7 +153,6 @@ impl QueueWorker {
                 self.index
             );
         }
-        self.signal(vring);
     }
 
     /// Adapts the poll window (`--poll-us`, at most `max`) to how long this thread waited for
@@ -203,7 +217,13 @@ impl QueueWorker {
     /// Pops and starts requests while the engine has room and the ring runs.
     fn pop_requests(&mut self, dev: &DeviceState, vring: &VringRwLock) -> PassEnd {
         let mem = dev.mem.memory().into_inner();
+        let mut uncommitted = 0;
         while self.engine.free_slots() > 0 {
+            if uncommitted == SUBMIT_EVERY {
+                // What was popped so far goes to the kernel now: see SUBMIT_EVERY.
+                self.commit();
+                uncommitted = 0;
+            }
             let chain = {
                 let mut state = vring.get_mut();
                 let queue = state.get_queue_mut();
@@ -229,6 +249,7 @@ impl QueueWorker {
             let Some(chain) = chain else {
                 return PassEnd::Drained;
             };
+            uncommitted += 1;
             let head = chain.head_index();
             match request::parse(chain, &mem, &dev.export.disk) {
                 Ok(req) => self.start(dev, vring, head, req),

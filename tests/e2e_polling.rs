@@ -5,6 +5,7 @@
 mod common;
 
 use std::ffi::OsString;
+use std::sync::{Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
 use common::blk::pattern;
@@ -13,8 +14,13 @@ use common::daemon::{Config, Daemon, test_dir};
 use common::read_file_at;
 use vublk::bench::cpu::CpuProbe;
 
+/// The tests here measure the daemon's CPU time; run side by side on two cores they would
+/// measure each other.
+static CPU_MEASURING: Mutex<()> = Mutex::new(());
+
 #[test]
 fn polling_queues_serve_wake_after_idle_and_stop_spinning() {
+    let _alone = CPU_MEASURING.lock().unwrap_or_else(PoisonError::into_inner);
     let cfg = Config::default()
         .image_pattern(8 << 20, 3)
         .queues(2)
@@ -96,6 +102,7 @@ fn paced_null_reads(poll_us: &str) -> (u64, f64) {
 /// every 250 µs, beyond the 200 µs window but within twice it.
 #[test]
 fn requests_slower_than_the_window_stop_the_polling() {
+    let _alone = CPU_MEASURING.lock().unwrap_or_else(PoisonError::into_inner);
     let (used, elapsed) = paced_null_reads("200");
     // Spinning the window for each request keeps the thread busy nearly all the time (95%
     // with the old rule); a window that still opens now and then after a completion costs

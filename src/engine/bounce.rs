@@ -601,7 +601,7 @@ mod tests {
             .map(|b| b.ptr.as_ptr() as usize + 8192)
             .max()
             .unwrap();
-        pages.set_huge_ranges(vec![lo..hi]);
+        pages.set_huge_ranges(std::iter::once(lo..hi).collect());
         run(
             &mut engine,
             IoOp::Read {
@@ -611,7 +611,7 @@ mod tests {
         );
         assert_eq!(seen().last().unwrap().0.len(), 32);
         let last = big.iter().map(|b| b.ptr.as_ptr() as usize).max().unwrap();
-        pages.set_huge_ranges(vec![lo..last]);
+        pages.set_huge_ranges(std::iter::once(lo..last).collect());
         let iovs = big.iter().map(|b| b.iovec(4096)).collect();
         run(
             &mut engine,
