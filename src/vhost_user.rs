@@ -460,7 +460,7 @@ impl QueueWorker {
 pub struct BlkBackend {
     dev: DeviceState,
     workers: Vec<Mutex<QueueWorker>>,
-    /// Whether guest RAM is in huge pages, for the engines' huge-page bouncing (None: off).
+    /// Where guest RAM is in huge pages, for the engines' huge-page bouncing (None: off).
     guest_pages: Option<Arc<BufferPages>>,
 }
 
@@ -624,7 +624,9 @@ impl VhostUserBackend for BlkBackend {
         if let Some(pages) = &self.guest_pages {
             let huge = guest_ram_in_huge_pages(&mem.memory());
             if huge.is_empty() != pages.huge_ranges_empty() {
-                log::info!(
+                // Rate-limited: a frontend may send memory tables as often as it likes.
+                guest_log!(
+                    Level::Info,
                     "guest RAM is {}in huge pages: large transfers from there go {}",
                     if huge.is_empty() { "no longer " } else { "" },
                     if huge.is_empty() {
