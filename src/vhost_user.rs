@@ -688,3 +688,155 @@ impl VhostUserBackend for BlkBackend {
         Ok(())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::backing::Backing;
+    use crate::export::ExportConfig;
+    use std::sync::atomic::AtomicUsize;
+    use vm_memory::Bytes;
+    use vmm_sys_util::eventfd::{EFD_NONBLOCK, EventFd};
+
+    const DESC: u64 = 0x0;
+    const AVAIL: u64 = 0x1000;
+    const USED: u64 = 0x2000;
+    const HEADERS: u64 = 0x4000;
+    const DATA: u64 = 0x10000;
+    const RING: u16 = 64;
+
+    /// An engine that finishes nothing and records how many operations each commit hands on.
+    struct CommitRecorder {
+        fd: EventFd,
+        queued: usize,
+        commits: Arc<Mutex<Vec<usize>>>,
+        in_flight: AtomicUsize,
+    }
+
+    impl IoEngine<InFlight> for CommitRecorder {
+        fn name(&self) -> &'static str {
+            "commit-recorder"
+        }
+        fn free_slots(&self) -> usize {
+            usize::from(RING) - self.in_flight.load(Ordering::Relaxed)
+        }
+        fn submit(&mut self, _op: IoOp, _token: InFlight) -> Result<(), Rejected<InFlight>> {
+            self.queued += 1;
+            self.in_flight.fetch_add(1, Ordering::Relaxed);
+            Ok(())
+        }
+        fn commit(&mut self) -> Result<(), engine::EngineError> {
+            lock_commits(&self.commits).push(std::mem::take(&mut self.queued));
+            Ok(())
+        }
+        fn completion_fd(&self) -> RawFd {
+            use std::os::unix::io::AsRawFd;
+            self.fd.as_raw_fd()
+        }
+        fn reap(&mut self, _out: &mut Vec<Completion<InFlight>>) {}
+        fn in_flight(&self) -> usize {
+            self.in_flight.load(Ordering::Relaxed)
+        }
+    }
+
+    fn lock_commits(c: &Mutex<Vec<usize>>) -> MutexGuard<'_, Vec<usize>> {
+        c.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    fn device() -> DeviceState {
+        let cfg = ExportConfig {
+            path: "null".into(),
+            create_size: None,
+            read_only: false,
+            queues: 1,
+            queue_size: RING,
+            serial: None,
+            logical_block_size: None,
+            writeback: true,
+            io_threads: 1,
+            poll: Duration::ZERO,
+            huge_bounce: false,
+            engine: engine::EngineKind::Null,
+            direct: false,
+        };
+        let export = Export::with_backing(Backing::null(64 << 20).unwrap(), &cfg).unwrap();
+        let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 1 << 20)]).unwrap();
+        DeviceState {
+            export: Arc::new(export),
+            mem: GuestMemoryAtomic::new(mem),
+            event_idx: AtomicBool::new(false),
+            flush_negotiated: AtomicBool::new(false),
+        }
+    }
+
+    /// Puts `n` 4 KiB reads on a split ring in guest memory, as a driver would.
+    fn ring_with_reads(dev: &DeviceState, n: u16) -> VringRwLock {
+        let mem = dev.mem.memory();
+        for i in 0..n {
+            let header = HEADERS + u64::from(i) * 16;
+            mem.write_obj(0u32, GuestAddress(header)).unwrap(); // VIRTIO_BLK_T_IN
+            mem.write_obj(0u32, GuestAddress(header + 4)).unwrap();
+            mem.write_obj(u64::from(i) * 8, GuestAddress(header + 8))
+                .unwrap();
+            let descs = [
+                (header, 16, 1u16, 3 * i + 1),                    // header, NEXT
+                (DATA + u64::from(i) * 4096, 4096, 3, 3 * i + 2), // data, NEXT | WRITE
+                (DATA + 0x8_0000 + u64::from(i), 1, 2, 0),        // status, WRITE
+            ];
+            for (k, (addr, len, flags, next)) in descs.into_iter().enumerate() {
+                let at = DESC + (u64::from(3 * i) + k as u64) * 16;
+                mem.write_obj(addr, GuestAddress(at)).unwrap();
+                mem.write_obj(len as u32, GuestAddress(at + 8)).unwrap();
+                mem.write_obj(flags, GuestAddress(at + 12)).unwrap();
+                mem.write_obj(next, GuestAddress(at + 14)).unwrap();
+            }
+            mem.write_obj(3 * i, GuestAddress(AVAIL + 4 + u64::from(i) * 2))
+                .unwrap();
+        }
+        mem.write_obj(n, GuestAddress(AVAIL + 2)).unwrap();
+        let vring = VringRwLock::new(dev.mem.clone(), 256).unwrap();
+        vring.set_queue_size(256);
+        vring.set_queue_info(DESC, AVAIL, USED).unwrap();
+        vring.set_queue_ready(true);
+        vring.set_enabled(true);
+        vring
+    }
+
+    /// A pass over a ring holding many requests hands them to the kernel in groups of
+    /// SUBMIT_EVERY, not all at the end: the device starts on the first while the rest are
+    /// parsed.
+    #[test]
+    fn a_pass_submits_every_few_requests_not_once_at_the_end() {
+        let dev = device();
+        let vring = ring_with_reads(&dev, 21);
+        let commits = Arc::new(Mutex::new(Vec::new()));
+        let mut worker = QueueWorker {
+            index: 0,
+            engine: Box::new(CommitRecorder {
+                fd: EventFd::new(EFD_NONBLOCK).unwrap(),
+                queued: 0,
+                commits: commits.clone(),
+                in_flight: AtomicUsize::new(0),
+            }),
+            vring: None,
+            completions: Vec::new(),
+            throttled: false,
+            stopping: false,
+            broken: false,
+            poll_window: Duration::ZERO,
+            idle_since: None,
+        };
+        worker.process_queue(&dev, &vring);
+        assert_eq!(
+            worker.engine.in_flight(),
+            21,
+            "not every request was started"
+        );
+        let sizes: Vec<usize> = lock_commits(&commits)
+            .iter()
+            .copied()
+            .filter(|&n| n > 0)
+            .collect();
+        assert_eq!(sizes, [4, 4, 4, 4, 4, 1], "operations per commit");
+    }
+}
