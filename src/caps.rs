@@ -1,4 +1,5 @@
-//! What the running kernel lets vublk use: io_uring and Linux native AIO.
+//! What the running kernel lets vublk use: io_uring, Linux native AIO, and transparent huge
+//! pages for the bounce buffers of large O_DIRECT transfers.
 //!
 //! Each engine probes for itself; this gathers the answers for the policy and `vublk probe`.
 
@@ -15,6 +16,10 @@ pub struct KernelCaps {
     /// Linux native AIO (io_submit): Ok, or why not.
     #[serde(serialize_with = "availability")]
     pub linux_aio: Result<(), String>,
+    /// Transparent huge pages for the huge-page bounce buffers (see
+    /// [`crate::engine::huge_arena`]): Ok, or why not.
+    #[serde(serialize_with = "availability")]
+    pub huge_pages: Result<(), String>,
 }
 
 impl KernelCaps {
@@ -23,6 +28,8 @@ impl KernelCaps {
         KernelCaps {
             io_uring: crate::engine::probe_io_uring(),
             linux_aio: crate::engine::probe_linux_aio(),
+            // The real thing, once: whether the kernel hands out huge pages now.
+            huge_pages: crate::engine::huge_arena::HugeMapping::new().map(drop),
         }
     }
 }
@@ -46,7 +53,12 @@ impl fmt::Display for KernelCaps {
         };
         writeln!(f, "kernel")?;
         writeln!(f, "  io_uring:         {}", show(&self.io_uring))?;
-        write!(f, "  linux-aio:        {}", show(&self.linux_aio))
+        writeln!(f, "  linux-aio:        {}", show(&self.linux_aio))?;
+        let huge = match &self.huge_pages {
+            Ok(()) => "available (bounce buffers for O_DIRECT transfers of 16 KiB and more)".into(),
+            Err(why) => format!("unavailable: {why} (large transfers go straight from guest RAM)"),
+        };
+        write!(f, "  huge pages:       {huge}")
     }
 }
 
@@ -66,6 +78,12 @@ mod tests {
         let json = serde_json::to_value(&caps).unwrap();
         assert_eq!(json["io_uring"]["available"], caps.io_uring.is_ok());
         assert_eq!(json["linux_aio"]["available"], caps.linux_aio.is_ok());
+        // vublk's own tests need transparent huge pages (the huge_arena tests say so).
+        assert_eq!(json["huge_pages"]["available"], true, "{json}");
+        assert!(
+            caps.to_string().contains("huge pages:       available"),
+            "{caps}"
+        );
         assert_eq!(
             json["linux_aio"].get("reason").is_some(),
             caps.linux_aio.is_err()

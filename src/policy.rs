@@ -472,6 +472,7 @@ mod tests {
             } else {
                 Err("the kernel has no Linux AIO (ENOSYS)".into())
             },
+            huge_pages: Ok(()),
         }
     }
 
