@@ -26,6 +26,9 @@
 #   mq512wb  2 queues, ring 256, 512-byte blocks, write back, image created by the backend (vublk)
 #   sq4kwt   1 queue,  ring 128, 4096-byte blocks, write through
 #   ro       1 queue,  ring 128, 512-byte blocks, read-only
+#   direct   2 queues, ring 256, 512-byte blocks, write back, image written in full first,
+#            so vublk serves it with O_DIRECT and its huge-page bounce buffers (checked in
+#            its log; the run directory must be on a file system with O_DIRECT)
 #   attach   2 queues, ring 128, 512-byte blocks, write back; QEMU gets exactly the
 #            shared-memory, chardev and device arguments `vublk attach-info --format
 #            qemu` prints for the export (fails if vublk has no attach-info; vublk only)
@@ -67,10 +70,12 @@ IMAGE_MB=256
 SERIAL_BASE=vublk-smoke
 
 # name  queues  ring  lbs  cache         ro  create  qemu-args (own | attach-info)
+# create: 1 the backend creates the image (--size), 0 a sparse file, w a fully written file
 ALL_CONFIGS="
 mq512wb 2 256 512  writeback    0 1 own
 sq4kwt  1 128 4096 writethrough 0 0 own
 ro      1 128 512  writeback    1 0 own
+direct  2 256 512  writeback    0 w own
 attach  2 128 512  writeback    0 0 attach-info
 "
 
@@ -188,8 +193,11 @@ run_config() {
     local size=$((IMAGE_MB * MiB)) t0 t1
     FAILS=()
     t0=$(date +%s)
-    [[ $BACKEND == vublk ]] || create=0
-    if [[ $create != 1 ]]; then
+    [[ $BACKEND == vublk || $create == w ]] || create=0
+    if [[ $create == w ]]; then
+        dd if=/dev/zero of="$img" bs=1M count="$IMAGE_MB" oflag=direct conv=fsync status=none ||
+            setup_die "cannot write $img with O_DIRECT (put TMPDIR on a disk file system)"
+    elif [[ $create != 1 ]]; then
         truncate -s "$size" "$img"
     fi
 
@@ -314,6 +322,12 @@ run_config() {
     [[ $BACKEND == vublk ]] && gone=$sock
     stop_backend_checked "$BACKEND_PID" "$blog" backend "$gone" || true
     BACKEND_PID=""
+    if [[ $create == w && $BACKEND == vublk ]]; then
+        grep -q 'O_DIRECT on' "$blog" ||
+            cfg_fail "direct_engine: vublk did not choose O_DIRECT for the written image (see $blog)"
+        grep -q 'huge-page bounce buffers for large O_DIRECT transfers' "$blog" ||
+            cfg_fail "huge_bounce: the guest's large transfers did not go through vublk's huge-page bounce buffers (see $blog)"
+    fi
 
     t1=$(date +%s)
     if [[ ${#FAILS[@]} -eq 0 ]]; then
