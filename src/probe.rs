@@ -410,13 +410,13 @@ fn known_file_system(magic: u32) -> KnownFs {
 
 /// Whether `file` lives on hugetlbfs (a memfd made with MFD_HUGETLB does too).
 pub fn on_hugetlbfs(file: &File) -> bool {
-    fs_magic_and_read_only(file).is_ok_and(|(magic, _)| magic == HUGETLBFS_MAGIC)
+    fs_magic(file).is_ok_and(|magic| magic == HUGETLBFS_MAGIC)
 }
 
 const HUGETLBFS_MAGIC: u32 = 0x9584_58f6;
 
-/// statfs f_type and the read-only flag of the mount (statvfs ST_RDONLY).
-fn fs_magic_and_read_only(file: &File) -> io::Result<(u32, bool)> {
+/// statfs f_type.
+fn fs_magic(file: &File) -> io::Result<u32> {
     let mut sfs = MaybeUninit::<libc::statfs>::zeroed();
     // SAFETY: fstatfs fills the statfs the pointer points to; the fd is ours.
     if unsafe { libc::fstatfs(file.as_raw_fd(), sfs.as_mut_ptr()) } < 0 {
@@ -424,6 +424,13 @@ fn fs_magic_and_read_only(file: &File) -> io::Result<(u32, bool)> {
     }
     // SAFETY: fstatfs succeeded and initialized it (and all-zero is valid anyway).
     let sfs = unsafe { sfs.assume_init() };
+    // f_type is a signed word on most targets; the magics are 32-bit.
+    Ok((sfs.f_type as u64 & 0xffff_ffff) as u32)
+}
+
+/// statfs f_type and the read-only flag of the mount (statvfs ST_RDONLY).
+fn fs_magic_and_read_only(file: &File) -> io::Result<(u32, bool)> {
+    let magic = fs_magic(file)?;
     let mut svfs = MaybeUninit::<libc::statvfs>::zeroed();
     // SAFETY: fstatvfs fills the statvfs the pointer points to; the fd is ours.
     if unsafe { libc::fstatvfs(file.as_raw_fd(), svfs.as_mut_ptr()) } < 0 {
@@ -431,8 +438,6 @@ fn fs_magic_and_read_only(file: &File) -> io::Result<(u32, bool)> {
     }
     // SAFETY: fstatvfs succeeded and initialized it.
     let svfs = unsafe { svfs.assume_init() };
-    // f_type is a signed word on most targets; the magics are 32-bit.
-    let magic = (sfs.f_type as u64 & 0xffff_ffff) as u32;
     Ok((magic, svfs.f_flag & libc::ST_RDONLY != 0))
 }
 

@@ -694,7 +694,6 @@ mod tests {
     use super::*;
     use crate::backing::Backing;
     use crate::export::ExportConfig;
-    use std::sync::atomic::AtomicUsize;
     use vm_memory::Bytes;
     use vmm_sys_util::eventfd::{EFD_NONBLOCK, EventFd};
 
@@ -710,7 +709,7 @@ mod tests {
         fd: EventFd,
         queued: usize,
         commits: Arc<Mutex<Vec<usize>>>,
-        in_flight: AtomicUsize,
+        in_flight: usize,
     }
 
     impl IoEngine<InFlight> for CommitRecorder {
@@ -718,11 +717,11 @@ mod tests {
             "commit-recorder"
         }
         fn free_slots(&self) -> usize {
-            usize::from(RING) - self.in_flight.load(Ordering::Relaxed)
+            usize::from(RING) - self.in_flight
         }
         fn submit(&mut self, _op: IoOp, _token: InFlight) -> Result<(), Rejected<InFlight>> {
             self.queued += 1;
-            self.in_flight.fetch_add(1, Ordering::Relaxed);
+            self.in_flight += 1;
             Ok(())
         }
         fn commit(&mut self) -> Result<(), engine::EngineError> {
@@ -735,7 +734,7 @@ mod tests {
         }
         fn reap(&mut self, _out: &mut Vec<Completion<InFlight>>) {}
         fn in_flight(&self) -> usize {
-            self.in_flight.load(Ordering::Relaxed)
+            self.in_flight
         }
     }
 
@@ -816,7 +815,7 @@ mod tests {
                 fd: EventFd::new(EFD_NONBLOCK).unwrap(),
                 queued: 0,
                 commits: commits.clone(),
-                in_flight: AtomicUsize::new(0),
+                in_flight: 0,
             }),
             vring: None,
             completions: Vec::new(),

@@ -200,6 +200,29 @@ impl<T: Send + 'static> BounceAdapter<T> {
             .ok_or_else(|| EngineError::Io(std::io::Error::from_raw_os_error(libc::ENOMEM)))
     }
 
+    /// The buffers a read or write of `bufs` goes to the inner engine with, and its bounce
+    /// state: `bufs` themselves when they need no bounce, else one bounce buffer, into which a
+    /// write's data is copied now (a read's is copied back on completion).
+    fn bounce(
+        &mut self,
+        bufs: Vec<IoVec>,
+        write: bool,
+    ) -> Result<(Vec<IoVec>, Option<Bounce>), EngineError> {
+        let total = bufs.iter().map(IoVec::len).sum();
+        let Some(buf) = self.bounce_buffer(&bufs, total)? else {
+            return Ok((bufs, None));
+        };
+        let copy_back = if write {
+            // SAFETY: `bufs` follow the IoVec contract and `buf` was just taken with at least
+            // `total` bytes, disjoint from them.
+            unsafe { copy_scattered(buf.as_ptr(), &bufs, false) };
+            None
+        } else {
+            Some(bufs)
+        };
+        Ok((vec![buf.iovec(total)], Some(Bounce { buf, copy_back })))
+    }
+
     fn release(&mut self, bounce: Option<Bounce>) {
         if let (
             Some(Bounce {
@@ -246,59 +269,27 @@ impl<T: Send + 'static> IoEngine<T> for BounceAdapter<T> {
     }
 
     fn submit(&mut self, op: IoOp, token: T) -> Result<(), Rejected<T>> {
-        let (op, bounce) = match op {
-            IoOp::Read { offset, bufs } => {
-                let total = bufs.iter().map(IoVec::len).sum();
-                match self.bounce_buffer(&bufs, total) {
-                    Err(error) => return Err(Rejected { token, error }),
-                    Ok(None) => (IoOp::Read { offset, bufs }, None),
-                    Ok(Some(buf)) => {
-                        let op = IoOp::Read {
-                            offset,
-                            bufs: vec![buf.iovec(total)],
-                        };
-                        let bounce = Bounce {
-                            buf,
-                            copy_back: Some(bufs),
-                        };
-                        (op, Some(bounce))
-                    }
-                }
-            }
+        let bounced = match op {
+            IoOp::Read { offset, bufs } => self
+                .bounce(bufs, false)
+                .map(|(bufs, bounce)| (IoOp::Read { offset, bufs }, bounce)),
             IoOp::Write {
                 offset,
                 bufs,
                 durable,
-            } => {
-                let total = bufs.iter().map(IoVec::len).sum();
-                match self.bounce_buffer(&bufs, total) {
-                    Err(error) => return Err(Rejected { token, error }),
-                    Ok(None) => (
-                        IoOp::Write {
-                            offset,
-                            bufs,
-                            durable,
-                        },
-                        None,
-                    ),
-                    Ok(Some(buf)) => {
-                        // SAFETY: `bufs` follow the IoVec contract and `buf` was just taken
-                        // with at least `total` bytes, disjoint from them.
-                        unsafe { copy_scattered(buf.as_ptr(), &bufs, false) };
-                        let op = IoOp::Write {
-                            offset,
-                            bufs: vec![buf.iovec(total)],
-                            durable,
-                        };
-                        let bounce = Bounce {
-                            buf,
-                            copy_back: None,
-                        };
-                        (op, Some(bounce))
-                    }
-                }
-            }
-            op => (op, None),
+            } => self.bounce(bufs, true).map(|(bufs, bounce)| {
+                let op = IoOp::Write {
+                    offset,
+                    bufs,
+                    durable,
+                };
+                (op, bounce)
+            }),
+            op => Ok((op, None)),
+        };
+        let (op, bounce) = match bounced {
+            Ok(b) => b,
+            Err(error) => return Err(Rejected { token, error }),
         };
         self.inner
             .submit(op, Bounced { token, bounce })
